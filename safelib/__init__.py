@@ -8,7 +8,9 @@ except ImportError:  # a source checkout that was never built
     __version__ = "0+unknown"
 
 # --- foundation (models, attention pooling, text classifier) ---
-# (lead) filled in as the modules land
+from .attnpool import attention_pool, attention_weights
+from .models import RESNET_MODELS, ClipModel, load_clip, random_clip, weight_tags
+from .text import IMAGENET_TEMPLATES, TEMPLATES, zero_shot_classifier
 
 # --- data (registry, sampler, loaders) ---
 

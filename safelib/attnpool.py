@@ -1,0 +1,99 @@
+"""Attention pooling of CLIP's ResNet, computed for the one token that matters.
+
+open_clip's `AttentionPool2d` prepends the mean of the dense map as an extra token, adds a
+positional embedding, runs full multi-head self-attention over all 1 + H*W tokens and keeps
+only output token 0. Only token 0's *query* is ever used, so the same result follows from
+one query, re-associated so no H*W keys or values are materialised:
+
+    t_i  = x_i + p_i               (t_0 = mean_i x_i + p_0)
+    q0   = Wq t_0 + bq
+    u_h  = Wk_h^T q0_h / sqrt(d)   the key bias adds q0_h . bk_h to every score: it cancels
+    a_h  = softmax_i(u_h . t_i)    head h's attention over tokens (what the book draws)
+    z_h  = sum_i a_h,i t_i         attention-weighted token mean (sum_i a_h,i = 1, so ...)
+    out  = Wc concat_h(Wv_h z_h + bv_h) + bc   (... the value bias passes through unchanged)
+
+This is algebra, not an approximation: `tests/test_attnpool.py` checks it against a float64
+ground truth. Taught in the book's "Attention pooling" chapter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def trained_grid(attnpool: nn.Module) -> int:
+    """Side of the square grid the positional embedding was trained on (7 for RN50 at 224 px)."""
+    side = math.isqrt(attnpool.positional_embedding.shape[0] - 1)
+    return side
+
+
+def positional_embedding(attnpool: nn.Module, height: int, width: int, interpolate: bool = False) -> torch.Tensor:
+    """(1 + H*W) x C positional embedding for an H x W dense map.
+
+    A grid other than the trained one is refused unless `interpolate=True`: bicubic
+    interpolation of the spatial part is common practice but changes the model, so pooled
+    features are then no longer CLIP's own.
+    """
+    pos = attnpool.positional_embedding
+    side = trained_grid(attnpool)
+    if (height, width) == (side, side):
+        return pos
+    if not interpolate:
+        raise ValueError(
+            f"dense map grid {height}x{width} differs from the {side}x{side} grid this attnpool's positional "
+            f"embedding was trained on (images of {side * 32} px for this model). Resize images to "
+            f"{side * 32} px, or pass interpolate_pos=True to interpolate the positional embedding "
+            "(not exact: the pooled features are no longer the model's own)."
+        )
+    spatial = pos[1:].T.reshape(1, -1, side, side)                              # 1 x C x S x S
+    spatial = F.interpolate(spatial.float(), size=(height, width), mode="bicubic", align_corners=False)
+    spatial = spatial.to(pos.dtype).reshape(-1, height * width).T               # HW x C
+    return torch.cat([pos[:1], spatial])
+
+
+def _tokens(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool) -> torch.Tensor:
+    if dense.ndim != 4:
+        raise ValueError(f"dense maps must be N x C x H x W, got shape {tuple(dense.shape)}")
+    n, channels, height, width = dense.shape
+    expected = attnpool.positional_embedding.shape[1]
+    if channels != expected:
+        raise ValueError(f"dense maps have {channels} channels but this attnpool expects {expected}")
+    x = dense.flatten(2).transpose(1, 2)                      # NCHW -> N(HW)C
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)    # N(1+HW)C, token 0 = mean
+    pos = positional_embedding(attnpool, height, width, interpolate_pos)
+    return x + pos.to(x.dtype)
+
+
+def _attention(attnpool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Head-wise attention of token 0 over all tokens: N x heads x (1 + H*W)."""
+    n, _, channels = tokens.shape
+    heads = attnpool.num_heads
+    head_dim = channels // heads
+    q0 = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias)      # N x C
+    wk = attnpool.k_proj.weight.view(heads, head_dim, channels)                    # heads x d x C
+    u = torch.einsum("nhd,hdc->nhc", q0.view(n, heads, head_dim), wk)              # N x heads x C
+    u = u * head_dim ** -0.5
+    scores = torch.bmm(u, tokens.transpose(1, 2))                                   # N x heads x (1+HW)
+    # softmax in float32 at least: fp16 exponentials of peaky scores lose the small weights
+    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+
+
+def attention_weights(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
+    """Where the pooling looks: N x heads x (1 + H*W), rows sum to 1, index 0 is the mean token."""
+    return _attention(attnpool, _tokens(attnpool, dense, interpolate_pos))
+
+
+def attention_pool(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
+    """Pooled features N x D, equal to `attnpool(dense)` and differentiable in every attnpool tensor."""
+    tokens = _tokens(attnpool, dense, interpolate_pos)                              # N x L x C
+    n, _, channels = tokens.shape
+    heads = attnpool.num_heads
+    head_dim = channels // heads
+    attention = _attention(attnpool, tokens)                                        # N x heads x L
+    z = torch.bmm(attention, tokens)                                                # N x heads x C
+    wv = attnpool.v_proj.weight.view(heads, head_dim, channels)                     # heads x d x C
+    values = torch.einsum("nhc,hdc->nhd", z, wv) + attnpool.v_proj.bias.view(heads, head_dim)
+    return F.linear(values.reshape(n, channels), attnpool.c_proj.weight, attnpool.c_proj.bias)
