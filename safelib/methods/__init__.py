@@ -1,0 +1,92 @@
+"""Few-shot methods under one protocol: fit on few-shot train + validation, predict test logits.
+
+`make_method("tip_adapter_f", {"epochs": 10})` builds any of them by name from a plain dict
+(what a run config or a papermill parameter holds); `METHODS` lists the names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from .base import (
+    ClipHead,
+    FewShotData,
+    FewShotMethod,
+    MethodConfig,
+    SplitFeatures,
+    accuracy,
+    select_best,
+)
+from .clip_adapter import ClipAdapter, ClipAdapterConfig, adapter_mix
+from .linear_probe import LinearProbe, LinearProbeConfig
+from .tip_adapter import TipAdapter, TipAdapterConfig, TipAdapterF, TipAdapterFConfig, cache_logits, tip_logits
+from .zero_shot import ZeroShot, ZeroShotConfig
+
+METHODS: dict[str, type[FewShotMethod]] = {
+    cls.name: cls for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF)
+}
+
+
+def register_method(cls: type[FewShotMethod]) -> type[FewShotMethod]:
+    """Add a method class to `METHODS` under its ``name`` (usable as a decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, FewShotMethod)):
+        raise TypeError(f"register_method takes a FewShotMethod subclass, got {cls!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_config(name: str, config: MethodConfig | Mapping[str, Any] | None = None) -> MethodConfig:
+    """The validated config of method ``name`` from a dict of overrides (lists become tuples)."""
+    cls = _method_class(name)
+    if isinstance(config, MethodConfig):
+        if not isinstance(config, cls.config_class):
+            raise TypeError(f"method {name!r} takes a {cls.config_class.__name__}, got {type(config).__name__}")
+        return config
+    overrides = dict(config or {})
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for method {name!r}; valid options: {sorted(fields) or 'none'}"
+        )
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return cls.config_class(**overrides)
+
+
+def make_method(name: str, config: MethodConfig | Mapping[str, Any] | None = None) -> FewShotMethod:
+    """A fresh, unfitted method by name, e.g. ``make_method("linear_probe")``."""
+    return _method_class(name)(method_config(name, config))
+
+
+def _method_class(name: str) -> type[FewShotMethod]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+__all__ = [
+    "METHODS",
+    "register_method",
+    "method_config",
+    "make_method",
+    "ClipHead",
+    "FewShotData",
+    "FewShotMethod",
+    "MethodConfig",
+    "SplitFeatures",
+    "accuracy",
+    "select_best",
+    "ZeroShot",
+    "ZeroShotConfig",
+    "LinearProbe",
+    "LinearProbeConfig",
+    "ClipAdapter",
+    "ClipAdapterConfig",
+    "adapter_mix",
+    "TipAdapter",
+    "TipAdapterConfig",
+    "TipAdapterF",
+    "TipAdapterFConfig",
+    "cache_logits",
+    "tip_logits",
+]

@@ -1,0 +1,294 @@
+"""The one small interface every few-shot method follows, and the data it reads.
+
+Every method in the book (zero-shot, linear probe, CLIP-Adapter, Tip-Adapter, SAFE, SAFE-A) is
+fitted on the same few-shot train split and few-shot validation split and then predicts logits
+for a test split it has never seen. Making that the *only* way in keeps the comparison honest:
+`fit` cannot see test data, so no hyperparameter can be chosen on it (Tip-Adapter's published
+numbers were; ours are not).
+
+Inputs are features from the shared cache, never images: the frozen trunk runs once per image
+view, so every method here costs seconds. A split carries the original attention-pooled
+features (``V x N x D``), the dense maps below the pooling (``V x N x C x H x W``), or both;
+a method that needs only pooled features asks for them with :meth:`FewShotData.pooled` and gets
+them computed from dense maps when only those were cached.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "SplitFeatures",
+    "ClipHead",
+    "FewShotData",
+    "FewShotMethod",
+    "MethodConfig",
+    "accuracy",
+    "select_best",
+    "validation_scores",
+    "best_index",
+]
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """One split (train, val or test) as the feature cache holds it.
+
+    ``pooled`` are the *original* attnpool outputs, unnormalised, one slice per image view:
+    the train split carries the K augmented views, val and test one eval view each.
+    ``dense`` are the frozen trunk's maps for the same views; SAFE trains on them.
+    Either may be absent, not both. Tensors may live on any device and in any float dtype
+    (the cache stores fp16); methods cast to float32 where they compute.
+    """
+
+    labels: Tensor  # N, int64 class indices
+    pooled: Tensor | None = None  # V x N x D
+    dense: Tensor | None = None  # V x N x C x H x W
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, Tensor) or self.labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D tensor of class indices, got {_describe(self.labels)}")
+        if self.labels.dtype.is_floating_point or self.labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got dtype {self.labels.dtype}")
+        if self.pooled is None and self.dense is None:
+            raise ValueError("a split needs pooled features (V x N x D) or dense maps (V x N x C x H x W); got neither")
+        n = self.labels.shape[0]
+        if self.pooled is not None:
+            if self.pooled.ndim != 3 or self.pooled.shape[1] != n:
+                raise ValueError(
+                    f"pooled must be views x N x D with N = {n} labels, got shape {tuple(self.pooled.shape)}"
+                )
+        if self.dense is not None:
+            if self.dense.ndim != 5 or self.dense.shape[1] != n:
+                raise ValueError(
+                    f"dense must be views x N x C x H x W with N = {n} labels, got shape {tuple(self.dense.shape)}"
+                )
+        if self.pooled is not None and self.dense is not None and self.pooled.shape[0] != self.dense.shape[0]:
+            raise ValueError(
+                f"pooled and dense must carry the same views, got {self.pooled.shape[0]} and {self.dense.shape[0]}"
+            )
+
+    @property
+    def num_views(self) -> int:
+        source = self.pooled if self.pooled is not None else self.dense
+        return int(source.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def with_pooled(self, pooled: Tensor) -> "SplitFeatures":
+        """The same split with other pooled features (e.g. SAFE's blended ones), dense maps dropped."""
+        return SplitFeatures(labels=self.labels, pooled=pooled)
+
+    def permuted_labels(self, generator: torch.Generator | None = None) -> "SplitFeatures":
+        """The same features with shuffled labels: the leakage check's control."""
+        order = torch.randperm(len(self), generator=generator)
+        return SplitFeatures(labels=self.labels[order.to(self.labels.device)], pooled=self.pooled, dense=self.dense)
+
+
+@dataclass(frozen=True)
+class ClipHead:
+    """What every method shares from the frozen CLIP: the text classifier and its temperature.
+
+    ``attnpool`` is the model's original (frozen) attention pooling; it is needed only to pool
+    dense maps (SAFE, or a cache that holds dense maps only).
+    """
+
+    classifier: Tensor  # D x K, unit-norm columns (prompt-ensemble text embeddings)
+    logit_scale: float
+    attnpool: nn.Module | None = None
+    classnames: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.classifier, Tensor) or self.classifier.ndim != 2:
+            raise ValueError(f"classifier must be a D x K tensor, got {_describe(self.classifier)}")
+        if not (isinstance(self.logit_scale, (int, float)) and math.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be a positive finite float (CLIP's is 100), got {self.logit_scale!r}")
+        if self.classnames and len(self.classnames) != self.num_classes:
+            raise ValueError(
+                f"classnames has {len(self.classnames)} names but the classifier has {self.num_classes} columns"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.shape[1])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.classifier.shape[0])
+
+    def text_logits(self, features: Tensor) -> Tensor:
+        """Zero-shot logits of unit-norm features: ``logit_scale * f @ W``."""
+        weights = self.classifier.to(device=features.device, dtype=features.dtype)
+        return self.logit_scale * features @ weights  # N x D @ D x K -> N x K
+
+
+@dataclass(frozen=True)
+class FewShotData:
+    """Everything `fit` may see: the few-shot train and validation splits, the CLIP head, a seed.
+
+    There is deliberately no test split here.
+    """
+
+    train: SplitFeatures
+    val: SplitFeatures
+    head: ClipHead
+    seed: int = 1
+    pool_batch: int = field(default=256, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val"):
+            split = getattr(self, name)
+            if not isinstance(split, SplitFeatures):
+                raise TypeError(f"{name} must be a SplitFeatures, got {type(split).__name__}")
+            bad = split.labels[(split.labels < 0) | (split.labels >= self.head.num_classes)]
+            if bad.numel():
+                raise ValueError(
+                    f"{name} labels must lie in 0..{self.head.num_classes - 1} (the classifier's columns); "
+                    f"found {bad[0].item()}"
+                )
+        if self.val.num_views != 1:
+            raise ValueError(f"val must carry exactly one (eval) view, got {self.val.num_views}")
+
+    def pooled(self, split: SplitFeatures) -> Tensor:
+        """``V x N x D`` original pooled features of a split, from the cache or pooled from dense maps."""
+        return pooled_features(split, self.head, self.pool_batch)
+
+
+def pooled_features(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor:
+    """The split's original pooled features, pooling its dense maps with the frozen attnpool if needed."""
+    if split.pooled is not None:
+        return split.pooled
+    if head.attnpool is None:
+        raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
+    from safelib.attnpool import attention_pool  # the foundation's exact fast pooling
+
+    dense = split.dense
+    param = next(head.attnpool.parameters())
+    views = []
+    with torch.no_grad():
+        for view in dense:  # N x C x H x W
+            chunks = [
+                attention_pool(head.attnpool, view[i : i + batch].to(device=param.device, dtype=param.dtype))
+                for i in range(0, view.shape[0], batch)
+            ]
+            views.append(torch.cat(chunks))  # N x D
+    return torch.stack(views)  # V x N x D
+
+
+def eval_view(features: Tensor) -> Tensor:
+    """The single eval view of a val/test split: ``1 x N x D -> N x D``."""
+    if features.shape[0] != 1:
+        raise ValueError(
+            f"val and test splits carry exactly one eval view; got {features.shape[0]} views "
+            "(the train split is the one with augmented views)"
+        )
+    return features[0]
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's frozen config; subclasses validate their fields in __post_init__."""
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class FewShotMethod(ABC):
+    """Fit on few-shot train + validation, then predict test logits.
+
+    Subclasses set ``name`` and ``config_class`` and fill ``self.chosen`` during `fit` with every
+    hyperparameter they selected on validation (JSON-serialisable), so a run record can say why a
+    number came out as it did.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.config = config
+        self.chosen: dict[str, Any] = {}
+        self._fitted = False
+
+    def fit(self, data: FewShotData) -> "FewShotMethod":
+        """Learn from train, select on val; never sees test."""
+        if not isinstance(data, FewShotData):
+            raise TypeError(f"fit takes a FewShotData (train, val, head), got {type(data).__name__}")
+        self.chosen = {}
+        self._fit(data)
+        self._fitted = True
+        return self
+
+    def predict(self, test: SplitFeatures) -> Tensor:
+        """``N x K`` logits of the test split (its labels are never read)."""
+        if not self._fitted:
+            raise RuntimeError(f"{self.name}: call fit(data) before predict(test)")
+        if not isinstance(test, SplitFeatures):
+            raise TypeError(f"predict takes a SplitFeatures, got {type(test).__name__}")
+        # Hide the labels: a method has no business reading them at test time.
+        hidden = SplitFeatures(
+            labels=torch.zeros_like(test.labels), pooled=test.pooled, dense=test.dense
+        )
+        with torch.no_grad():
+            return self._predict(hidden).float()
+
+    @abstractmethod
+    def _fit(self, data: FewShotData) -> None: ...
+
+    @abstractmethod
+    def _predict(self, test: SplitFeatures) -> Tensor: ...
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (logits.argmax(dim=1) == labels.to(logits.device)).float().mean().item()
+
+
+def validation_scores(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy (percent) and mean cross-entropy of one candidate's validation logits."""
+    logits = logits.float()
+    return {
+        "val_acc": accuracy(logits, labels),
+        "val_loss": F.cross_entropy(logits, labels.to(logits.device).long()).item(),
+    }
+
+
+def best_index(scores: Sequence[dict[str, float]]) -> int:
+    """Best = highest accuracy; ties (frequent on a few-shot validation set) go to the lower
+    cross-entropy, then to the earlier candidate, so callers list their preferred default first."""
+    if len(scores) == 0:
+        raise ValueError("no candidates to select from")
+    return min(range(len(scores)), key=lambda i: (-scores[i]["val_acc"], scores[i]["val_loss"], i))
+
+
+def select_best(
+    candidates: Sequence[Any], logits: Sequence[Tensor], labels: Tensor
+) -> tuple[int, list[dict[str, float]]]:
+    """Index of the best candidate on validation (see `best_index`) and every candidate's scores."""
+    if len(candidates) == 0 or len(candidates) != len(logits):
+        raise ValueError(f"need one logits tensor per candidate, got {len(candidates)} and {len(logits)}")
+    scores = [validation_scores(lg, labels) for lg in logits]
+    return best_index(scores), scores
+
+
+def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return F.one_hot(labels.long(), num_classes).to(dtype)  # N x K
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

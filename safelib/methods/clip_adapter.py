@@ -1,0 +1,115 @@
+"""CLIP-Adapter (Gao et al. 2021): a residual bottleneck MLP on the frozen image features.
+
+    f' = r * A(f) + (1 - r) * f,     logits = logit_scale * normalize(f') @ W
+
+``A`` is CLIP-Adapter's MLP: Linear(D, D/4, no bias) - ReLU - Linear(D/4, D, no bias) - ReLU.
+Both layers lack a bias and ReLU is positively homogeneous, so ``A(c f) = c A(f)`` for
+``c > 0``: feeding normalised features (as we do) gives exactly the same logits as CLIP-Adapter's
+unnormalised ones, and lets the same code adapt SAFE's blended (already unit) features.
+
+Our choices, stated: AdamW (lr 1e-3, weight decay 1e-4, cosine schedule) on the cached
+augmented views, one view per epoch; the last epoch is kept (no epoch is selected on any
+split). The residual ratio ``r`` is chosen on the few-shot validation split from ``ratios``
+(CLIP-Adapter's own default 0.2 first, so it wins ties); one adapter is trained per ratio.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pooled_features, select_best
+from .feature_training import seeded, train_on_views
+
+
+def adapter_mix(features: Tensor, adapted: Tensor, ratio: float) -> Tensor:
+    """CLIP-Adapter's residual mixing ``r * A(f) + (1 - r) * f`` (not yet normalised)."""
+    return ratio * adapted + (1.0 - ratio) * features
+
+
+class Adapter(nn.Module):
+    """CLIP-Adapter's bottleneck MLP ``A``."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        hidden = max(1, dim // reduction)
+        self.down = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return F.relu(self.up(F.relu(self.down(features))))  # N x D -> N x D/r -> N x D
+
+
+class ClipAdapterHead(nn.Module):
+    """Adapter + residual mix + text classifier: features ``N x D`` -> logits ``N x K``."""
+
+    def __init__(self, classifier: Tensor, logit_scale: float, ratio: float, reduction: int) -> None:
+        super().__init__()
+        self.adapter = Adapter(classifier.shape[0], reduction)
+        self.register_buffer("classifier", classifier.detach().float().clone())  # D x K
+        self.logit_scale = float(logit_scale)
+        self.ratio = float(ratio)
+
+    def forward(self, features: Tensor) -> Tensor:
+        mixed = adapter_mix(features, self.adapter(features), self.ratio)
+        return self.logit_scale * F.normalize(mixed, dim=-1) @ self.classifier
+
+
+@dataclass(frozen=True)
+class ClipAdapterConfig(MethodConfig):
+    ratios: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+    reduction: int = 4
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if len(self.ratios) == 0 or any(not 0.0 <= r <= 1.0 for r in self.ratios):
+            raise ValueError(f"ratios must be a non-empty tuple of values in [0, 1], got {self.ratios!r}")
+        for name in ("reduction", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+
+
+class ClipAdapter(FewShotMethod):
+    """CLIP-Adapter on the cached pooled features, residual ratio chosen on validation."""
+
+    name = "clip_adapter"
+    config_class = ClipAdapterConfig
+
+    def _fit(self, data: FewShotData) -> None:
+        cfg = self.config
+        train = F.normalize(data.pooled(data.train).float(), dim=-1)  # V x N x D
+        val = F.normalize(eval_view(data.pooled(data.val)).float(), dim=-1)  # N x D
+        heads, val_logits, losses = [], [], []
+        for ratio in cfg.ratios:
+            with seeded(data.seed):
+                head = ClipAdapterHead(data.head.classifier, data.head.logit_scale, ratio, cfg.reduction)
+            head = head.to(train.device)
+            losses.append(train_on_views(
+                list(head.adapter.parameters()), head, train, data.train.labels,
+                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                weight_decay=cfg.weight_decay, seed=data.seed,
+            ))
+            head.eval()
+            with torch.no_grad():
+                val_logits.append(head(val))
+            heads.append(head)
+        best, scores = select_best(cfg.ratios, val_logits, data.val.labels)
+        self._model = heads[best]
+        self._head, self._pool_batch = data.head, data.pool_batch
+        self.chosen = {
+            "ratio": cfg.ratios[best],
+            "sweep": [{"ratio": r, **s} for r, s in zip(cfg.ratios, scores)],
+            "train_loss": losses[best],
+        }
+
+    def _predict(self, test: SplitFeatures) -> Tensor:
+        features = eval_view(pooled_features(test, self._head, self._pool_batch)).float()
+        features = F.normalize(features.to(self._model.classifier.device), dim=-1)
+        return self._model(features)
