@@ -1,0 +1,213 @@
+"""Dense-map extraction and the on-disk cache: hits, misses, damage, resumption."""
+import json
+import os
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+import safelib as sl
+from safelib import cache as cache_mod
+from safelib.cache import CacheError, CacheWriter, cache_key, find_entry, open_entry
+from safelib.features import cache_features, dense_features, feature_cache_fields, pooled_features, tensor_batches
+
+
+def tiny_clip(seed: int = 0) -> "sl.ClipModel":
+    """A ResNet CLIP small enough for many CPU tests: 64 px, 2x2 grid, C=256, D=32, 4 heads."""
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=64,
+                                                                  head_width=64),
+                           text_cfg=CLIPTextCfg(context_length=16, width=32, heads=2, layers=1))
+    model.eval().requires_grad_(False)
+    return sl.ClipModel("tiny", None, model, preprocess=None, tokenizer=None)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+def _fields(clip, n, views=2, **overrides):
+    args = dict(kind="dense", dataset="toy", split="train", ids=[f"img{i}" for i in range(n)],
+                transform="test", views=views, view_seed=1)
+    args.update(overrides)
+    return feature_cache_fields(clip, **args)
+
+
+def _images(n, views=2, seed=0):
+    return torch.randn(views, n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_dense_features_match_open_clip_and_pool_to_encode_image(clip):
+    images = _images(5, views=1)[0]
+    dense = dense_features(clip, images, batch_size=2)
+    assert dense.shape == (5, clip.dense_channels, clip.grid, clip.grid)
+    with torch.no_grad():
+        reference = clip.model.encode_image(images)
+    torch.testing.assert_close(pooled_features(clip.attnpool, dense), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_features_rejects_bad_input(clip):
+    with pytest.raises(ValueError, match="N x 3 x S x S"):
+        dense_features(clip, torch.zeros(3, 64, 64))
+    with pytest.raises(ValueError, match="batch_size"):
+        dense_features(clip, torch.zeros(1, 3, 64, 64), batch_size=0)
+    with pytest.raises(ValueError, match="autocast_dtype.*valid"):
+        dense_features(clip, torch.zeros(1, 3, 64, 64), autocast_dtype="float8")
+
+
+def test_key_changes_with_every_field(clip):
+    base = _fields(clip, 4)
+    keys = {cache_key(base)}
+    for change in [dict(kind="pooled"), dict(dataset="other"), dict(split="val"), dict(views=3),
+                   dict(view_seed=2), dict(transform="other"), dict(autocast_dtype="float16"),
+                   dict(ids=["img0", "img1", "img2", "imgX"])]:
+        keys.add(cache_key(_fields(clip, 4, **change)))
+    keys.add(cache_key({**base, "weights": "openai"}))
+    keys.add(cache_key({**base, "model": "RN50"}))
+    keys.add(cache_key({**base, "image_size": 224}))
+    assert len(keys) == 12
+    with pytest.raises(ValueError, match="kind.*valid: dense, pooled"):
+        _fields(clip, 4, kind="maps")
+    with pytest.raises(TypeError, match="JSON"):
+        cache_key({"transform": object()})
+
+
+def test_miss_builds_then_hit_reads_without_the_trunk(clip, tmp_path, monkeypatch):
+    views = _images(5)
+    fields = _fields(clip, 5)
+    entry = cache_features(clip, fields, tensor_batches(views, batch_size=2), tmp_path, progress=False)
+    assert entry.num_views == 2 and entry.num_rows == 5 and entry[0].dtype == np.float16
+    expected = dense_features(clip, views[1])
+    torch.testing.assert_close(entry.rows(1, slice(None)).float(), expected, rtol=2e-3, atol=2e-3)
+    assert isinstance(entry[0], np.memmap)
+
+    def no_trunk(*_a, **_k):
+        raise AssertionError("a cache hit must not run the trunk")
+
+    monkeypatch.setattr(type(clip), "trunk", no_trunk)
+    again = cache_features(clip, fields, tensor_batches(views), tmp_path, progress=False)
+    np.testing.assert_array_equal(again[1], entry[1])
+
+
+def test_pooled_cache_holds_encode_image_features(clip, tmp_path):
+    views = _images(3, views=1)
+    entry = cache_features(clip, _fields(clip, 3, views=1, kind="pooled"), tensor_batches(views), tmp_path,
+                           progress=False)
+    assert entry.item_shape == (clip.embed_dim,)
+    with torch.no_grad():
+        reference = clip.model.encode_image(views[0])
+    torch.testing.assert_close(entry.to_tensor(0).float(), reference, rtol=2e-3, atol=2e-3)
+
+
+def _build(clip, tmp_path, n=5):
+    fields = _fields(clip, n)
+    return fields, cache_features(clip, fields, tensor_batches(_images(n), 2), tmp_path, progress=False)
+
+
+def test_truncated_view_file_is_detected_and_rebuilt(clip, tmp_path):
+    fields, entry = _build(clip, tmp_path)
+    before = np.array(entry[0])
+    target = entry.path / "view_000.npy"
+    del entry
+    with open(target, "r+b") as f:
+        f.truncate(os.path.getsize(target) - 100)
+    assert find_entry(tmp_path, fields) is None
+    with pytest.raises(CacheError, match="corrupt"):
+        open_entry(tmp_path / cache_key(fields), fields)
+    rebuilt = cache_features(clip, fields, tensor_batches(_images(5), 2), tmp_path, progress=False)
+    np.testing.assert_array_equal(rebuilt[0], before)
+
+
+def test_flipped_bytes_fail_the_checksum(clip, tmp_path):
+    fields, entry = _build(clip, tmp_path)
+    target = entry.path / "view_001.npy"
+    del entry
+    data = bytearray(target.read_bytes())
+    data[-7] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="checksum"):
+        open_entry(target.parent, fields)
+    assert open_entry(target.parent, fields, verify="size").num_rows == 5  # a shape check cannot see it
+    with pytest.raises(ValueError, match="verify.*valid"):
+        open_entry(target.parent, fields, verify="fast")
+
+
+def test_wrong_key_is_a_mismatch_and_is_rebuilt(clip, tmp_path):
+    fields, entry = _build(clip, tmp_path)
+    other = _fields(clip, 5, view_seed=7)
+    os.replace(entry.path, tmp_path / cache_key(other))  # an entry filed under another key
+    with pytest.raises(CacheError, match="mismatch"):
+        open_entry(tmp_path / cache_key(other), other)
+    assert find_entry(tmp_path, other) is None
+    rebuilt = cache_features(clip, other, tensor_batches(_images(5, seed=1), 2), tmp_path, progress=False)
+    assert rebuilt.fields["view_seed"] == 7
+
+
+def test_missing_marker_is_incomplete(clip, tmp_path):
+    fields, entry = _build(clip, tmp_path)
+    (entry.path / cache_mod.MARKER).unlink()
+    with pytest.raises(CacheError, match="incomplete"):
+        open_entry(entry.path, fields)
+
+
+def test_interrupted_write_resumes_from_last_checksummed_chunk(clip, tmp_path):
+    n, views = 7, _images(7)
+    fields = _fields(clip, n)
+    item = (clip.dense_channels, clip.grid, clip.grid)
+    writer = CacheWriter(tmp_path, fields, rows=n, item_shape=item, views=2, chunk_rows=2)
+    writer.write(dense_features(clip, views[:, :3].flatten(0, 1)).unflatten(0, (2, 3)))  # then "crash"
+    del writer
+    assert find_entry(tmp_path, fields) is None  # no marker: never used
+    progress = json.loads((tmp_path / cache_key(fields) / cache_mod.PROGRESS).read_text())
+    assert progress["rows"] == 2  # rows 0-1 are one closed chunk; row 2 sits in an open one
+
+    seen = []
+
+    def batches(start):
+        seen.append(start)
+        return tensor_batches(views, 2)(start)
+
+    entry = cache_features(clip, fields, batches, tmp_path, progress=False)
+    assert seen == [2]
+    full = dense_features(clip, views.flatten(0, 1)).unflatten(0, (2, n))
+    torch.testing.assert_close(entry.to_tensor().float(), full, rtol=2e-3, atol=2e-3)
+
+
+def test_resume_distrusts_a_damaged_partial_write(clip, tmp_path):
+    fields = _fields(clip, 4)
+    item = (clip.dense_channels, clip.grid, clip.grid)
+    writer = CacheWriter(tmp_path, fields, rows=4, item_shape=item, views=2, chunk_rows=2)
+    writer.write(torch.ones(2, 2, *item))
+    del writer
+    partial = tmp_path / cache_key(fields) / "view_000.npy.partial"
+    data = bytearray(partial.read_bytes())
+    data[200] ^= 0xFF
+    partial.write_bytes(bytes(data))
+    assert CacheWriter(tmp_path, fields, rows=4, item_shape=item, views=2, chunk_rows=2).start_row == 0
+
+
+def test_writer_rejects_bad_rows(clip, tmp_path):
+    item = (4, 2, 2)
+    writer = CacheWriter(tmp_path, {"a": 1}, rows=3, item_shape=item, views=2)
+    with pytest.raises(ValueError, match="views x B x item"):
+        writer.write(torch.zeros(1, 2, *item))
+    with pytest.raises(ValueError, match="non-finite"):
+        writer.write(torch.full((2, 1, *item), 1e6))  # overflows fp16
+    with pytest.raises(ValueError, match="overflows"):
+        writer.write(torch.zeros(2, 4, *item))
+    with pytest.raises(RuntimeError, match="finish"):
+        writer.finish()
+    with pytest.raises(ValueError, match="dtype.*valid"):
+        CacheWriter(tmp_path, {"a": 2}, rows=3, item_shape=item, dtype="int8")
+    with pytest.raises(ValueError, match="rows >= 1"):
+        CacheWriter(tmp_path, {"a": 3}, rows=0, item_shape=item)
+
+
+def test_batches_must_cover_the_declared_images(clip, tmp_path):
+    with pytest.raises(ValueError, match="declares 5"):
+        cache_features(clip, _fields(clip, 5), tensor_batches(_images(4), 2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="2 views"):
+        cache_features(clip, _fields(clip, 3), tensor_batches(_images(3, views=1), 2), tmp_path, progress=False)
