@@ -13,6 +13,20 @@ from .models import RESNET_MODELS, ClipModel, load_clip, random_clip, weight_tag
 from .text import IMAGENET_TEMPLATES, TEMPLATES, zero_shot_classifier
 
 # --- data (registry, sampler, loaders) ---
+from . import data
+from .data import (
+    DatasetMissingError,
+    ImageSet,
+    SplitDataset,
+    ViewSpec,
+    get_dataset,
+    list_datasets,
+    load_few_shot,
+    sample_few_shot,
+    save_few_shot,
+    view_loader,
+)
+from .data import register as register_dataset
 
 # --- features and SAFE ---
 

@@ -1,0 +1,36 @@
+"""Few-shot data: the dataset registry, the field's splits, the seeded sampler and view loaders.
+
+Every dataset goes through :func:`register` (the 11 benchmarks, the 4 ImageNet variants, the
+offline sets, generated ones) and comes back from :func:`get_dataset` as train/val/test
+:class:`ImageSet` s. ``python -m safelib.data`` prints the registry and what is missing.
+"""
+from .benchmarks import adopt_torchvision, imagenet_names, register_benchmarks
+from .imageset import FolderReader, ImageSet
+from .loading import ImageViews, ViewBatch, ViewSpec, collate_views, view_loader, view_seed
+from .offline import fixed_split, register_offline
+from .registry import (
+    DatasetMissingError,
+    DatasetSpec,
+    SplitDataset,
+    data_root,
+    dataset_spec,
+    get_dataset,
+    list_datasets,
+    register,
+    unregister,
+)
+from .sampling import FewShotWarning, few_shot_filename, load_few_shot, sample_few_shot, save_few_shot
+from .splits import SplitFormatError, clean_classname, read_coop_split, read_fgvc_aircraft
+from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
+
+register_benchmarks()
+register_offline()
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "DatasetMissingError", "DatasetSpec", "FewShotWarning", "FolderReader", "ImageSet",
+    "ImageViews", "SplitDataset", "SplitFormatError", "ViewBatch", "ViewSpec", "adopt_torchvision",
+    "clean_classname", "collate_views", "data_root", "dataset_spec", "eval_transform", "few_shot_filename",
+    "fixed_split", "get_dataset", "imagenet_names", "list_datasets", "load_few_shot", "read_coop_split",
+    "read_fgvc_aircraft", "register", "sample_few_shot", "save_few_shot", "train_transform", "unregister",
+    "view_loader", "view_seed",
+]
