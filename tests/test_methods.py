@@ -257,3 +257,24 @@ def test_test_split_with_many_views_is_rejected():
     method = make_method("zero_shot").fit(data)
     with pytest.raises(ValueError, match="one eval view"):
         method.predict(data.train)
+
+
+def test_dense_only_splits_are_pooled_with_the_original_attnpool():
+    """A cache holding only dense maps (tensor or per-view memmaps) still serves pooled-feature methods."""
+    from open_clip.modified_resnet import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(spacial_dim=2, embed_dim=16, num_heads=2, output_dim=8).eval()
+    dense = torch.randn(2, 5, 16, 2, 2)  # V x N x C x H x W
+    labels = torch.arange(5) % 3
+    head = ClipHead(classifier=F.normalize(torch.randn(8, 3), dim=0), logit_scale=100.0, attnpool=pool)
+    with torch.no_grad():
+        expected = torch.stack([pool(view) for view in dense])  # open_clip's own forward
+    for stored in (dense, [view.numpy() for view in dense]):
+        split = SplitFeatures(labels=labels, dense=stored)
+        assert split.num_views == 2
+        val = SplitFeatures(labels=labels, dense=[dense[0].numpy()])
+        data = FewShotData(train=split, val=val, head=head)
+        torch.testing.assert_close(data.pooled(split), expected, rtol=1e-4, atol=1e-5)
+    logits = make_method("zero_shot").fit(data).predict(val)
+    torch.testing.assert_close(logits, 100 * F.normalize(expected[0], dim=-1) @ head.classifier, rtol=1e-4, atol=1e-3)

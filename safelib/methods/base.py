@@ -15,9 +15,12 @@ them computed from dense maps when only those were cached.
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence, Union
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,26 @@ __all__ = [
 ]
 
 
+Views = Union[Tensor, Sequence[np.ndarray]]  # a tensor V x N x ..., or one array per view (a CacheEntry)
+
+
+def views_shape(views: Views) -> tuple[int, ...]:
+    """``V x N x ...`` of a tensor or of a sequence of per-view arrays (a cache entry's memmaps)."""
+    if isinstance(views, Tensor):
+        return tuple(views.shape)
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1:
+        raise ValueError(f"every view must have one shape, got {sorted(shapes)}")
+    return (len(views), *shapes.pop())
+
+
+def as_tensor(views: Views) -> Tensor:
+    """A tensor ``V x N x ...``; per-view arrays are stacked into RAM (use for pooled features)."""
+    if isinstance(views, Tensor):
+        return views
+    return torch.from_numpy(np.stack([np.asarray(v) for v in views]))
+
+
 @dataclass(frozen=True)
 class SplitFeatures:
     """One split (train, val or test) as the feature cache holds it.
@@ -43,13 +66,15 @@ class SplitFeatures:
     ``pooled`` are the *original* attnpool outputs, unnormalised, one slice per image view:
     the train split carries the K augmented views, val and test one eval view each.
     ``dense`` are the frozen trunk's maps for the same views; SAFE trains on them.
-    Either may be absent, not both. Tensors may live on any device and in any float dtype
-    (the cache stores fp16); methods cast to float32 where they compute.
+    Either may be absent, not both. Each is a tensor ``V x N x ...`` on any device and in any
+    float dtype (the cache stores fp16), or a sequence of per-view arrays such as a
+    ``safelib.cache.CacheEntry`` (memory-mapped, so dense maps need not fit in RAM).
+    Methods cast to float32 where they compute.
     """
 
     labels: Tensor  # N, int64 class indices
-    pooled: Tensor | None = None  # V x N x D
-    dense: Tensor | None = None  # V x N x C x H x W
+    pooled: Views | None = None  # V x N x D
+    dense: Views | None = None  # V x N x C x H x W
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, Tensor) or self.labels.ndim != 1:
@@ -59,25 +84,23 @@ class SplitFeatures:
         if self.pooled is None and self.dense is None:
             raise ValueError("a split needs pooled features (V x N x D) or dense maps (V x N x C x H x W); got neither")
         n = self.labels.shape[0]
-        if self.pooled is not None:
-            if self.pooled.ndim != 3 or self.pooled.shape[1] != n:
-                raise ValueError(
-                    f"pooled must be views x N x D with N = {n} labels, got shape {tuple(self.pooled.shape)}"
-                )
-        if self.dense is not None:
-            if self.dense.ndim != 5 or self.dense.shape[1] != n:
-                raise ValueError(
-                    f"dense must be views x N x C x H x W with N = {n} labels, got shape {tuple(self.dense.shape)}"
-                )
-        if self.pooled is not None and self.dense is not None and self.pooled.shape[0] != self.dense.shape[0]:
+        shapes = {}
+        for name, ndim, what in (("pooled", 3, "views x N x D"), ("dense", 5, "views x N x C x H x W")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            shape = views_shape(value)
+            if len(shape) != ndim or shape[1] != n:
+                raise ValueError(f"{name} must be {what} with N = {n} labels, got shape {shape}")
+            shapes[name] = shape
+        if len(shapes) == 2 and shapes["pooled"][0] != shapes["dense"][0]:
             raise ValueError(
-                f"pooled and dense must carry the same views, got {self.pooled.shape[0]} and {self.dense.shape[0]}"
+                f"pooled and dense must carry the same views, got {shapes['pooled'][0]} and {shapes['dense'][0]}"
             )
 
     @property
     def num_views(self) -> int:
-        source = self.pooled if self.pooled is not None else self.dense
-        return int(source.shape[0])
+        return views_shape(self.pooled if self.pooled is not None else self.dense)[0]
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -158,38 +181,37 @@ class FewShotData:
 
     def pooled(self, split: SplitFeatures) -> Tensor:
         """``V x N x D`` original pooled features of a split, from the cache or pooled from dense maps."""
-        return pooled_features(split, self.head, self.pool_batch)
+        return pool_split(split, self.head, self.pool_batch)
 
 
-def pooled_features(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor:
-    """The split's original pooled features, pooling its dense maps with the frozen attnpool if needed."""
+def pool_split(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor:
+    """The split's original pooled features ``V x N x D``, pooling its dense maps if only those exist."""
     if split.pooled is not None:
-        return split.pooled
+        return as_tensor(split.pooled)
     if head.attnpool is None:
         raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
-    from safelib.attnpool import attention_pool  # the foundation's exact fast pooling
+    from safelib.features import pooled_features  # the exact fast pooling, batched
 
-    dense = split.dense
-    param = next(head.attnpool.parameters())
-    views = []
-    with torch.no_grad():
-        for view in dense:  # N x C x H x W
-            chunks = [
-                attention_pool(head.attnpool, view[i : i + batch].to(device=param.device, dtype=param.dtype))
-                for i in range(0, view.shape[0], batch)
-            ]
-            views.append(torch.cat(chunks))  # N x D
-    return torch.stack(views)  # V x N x D
+    return torch.stack([pooled_features(head.attnpool, _view_tensor(view), batch) for view in split.dense])
 
 
-def eval_view(features: Tensor) -> Tensor:
-    """The single eval view of a val/test split: ``1 x N x D -> N x D``."""
-    if features.shape[0] != 1:
+def eval_view(features: Views) -> Tensor:
+    """The single eval view of a val/test split: ``1 x N x ... -> N x ...`` (memmaps stay lazy)."""
+    count = views_shape(features)[0]
+    if count != 1:
         raise ValueError(
-            f"val and test splits carry exactly one eval view; got {features.shape[0]} views "
+            f"val and test splits carry exactly one eval view; got {count} views "
             "(the train split is the one with augmented views)"
         )
-    return features[0]
+    return _view_tensor(features[0])
+
+
+def _view_tensor(view: Tensor | np.ndarray) -> Tensor:
+    if isinstance(view, Tensor):
+        return view
+    with warnings.catch_warnings():  # a read-only memmap: we never write to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(view)
 
 
 @dataclass(frozen=True)

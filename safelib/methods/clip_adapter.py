@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pooled_features, select_best
+from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split, select_best
 from .feature_training import seeded, train_on_views
 
 
@@ -110,6 +110,6 @@ class ClipAdapter(FewShotMethod):
         }
 
     def _predict(self, test: SplitFeatures) -> Tensor:
-        features = eval_view(pooled_features(test, self._head, self._pool_batch)).float()
+        features = eval_view(pool_split(test, self._head, self._pool_batch)).float()
         features = F.normalize(features.to(self._model.classifier.device), dim=-1)
         return self._model(features)

@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pooled_features, select_best
+from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split, select_best
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class LinearProbe(FewShotMethod):
         return logits
 
     def _predict(self, test: SplitFeatures) -> Tensor:
-        features = eval_view(pooled_features(test, self._head, self._pool_batch)).float()
+        features = eval_view(pool_split(test, self._head, self._pool_batch)).float()
         return self._logits(self._model, _numpy(F.normalize(features, dim=-1)))
 
 

@@ -37,7 +37,7 @@ from .base import (
     best_index,
     eval_view,
     one_hot,
-    pooled_features,
+    pool_split,
     validation_scores,
 )
 from .feature_training import train_on_views
@@ -153,7 +153,7 @@ class TipAdapter(FewShotMethod):
         """Training-free: the keys stay as built."""
 
     def _predict(self, test: SplitFeatures) -> Tensor:
-        features = eval_view(pooled_features(test, self._head, self._pool_batch)).float()
+        features = eval_view(pool_split(test, self._head, self._pool_batch)).float()
         features = F.normalize(features.to(self._keys.device), dim=-1)
         return tip_logits(features, self._classifier, self._scale, self._keys, self._values, self._alpha, self._beta)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ClipHead, FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pooled_features
+from .base import ClipHead, FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split
 
 
 @dataclass(frozen=True)
@@ -29,5 +29,5 @@ class ZeroShot(FewShotMethod):
         self._pool_batch = data.pool_batch
 
     def _predict(self, test: SplitFeatures) -> Tensor:
-        features = eval_view(pooled_features(test, self._head, self._pool_batch)).float()  # N x D
+        features = eval_view(pool_split(test, self._head, self._pool_batch)).float()  # N x D
         return self._head.text_logits(F.normalize(features, dim=-1))  # N x K
