@@ -100,7 +100,7 @@ _COOP: dict[str, tuple] = {
 _FGVC_LINKS = tuple((f, f"fgvc-aircraft-2013b/data/{f}") for f in (
     "images", "variants.txt", "images_variant_train.txt", "images_variant_val.txt", "images_variant_test.txt"))
 TORCHVISION_LINKS: dict[str, tuple[tuple[str, str], ...]] = {
-    **{name: row[5] for name, row in _COOP.items()},
+    **{name: row[5] for name, row in _COOP.items() if row[4]},  # () = torchvision's folder is CoOp's
     "fgvc_aircraft": _FGVC_LINKS,
     "imagenet": (("images/train", "imagenet/train"), ("images/val", "imagenet/val")),
 }
@@ -212,7 +212,7 @@ def adopt_torchvision(name: str, root: str | Path | None = None) -> list[Path]:
 
     spec = dataset_spec(name)
     if name not in TORCHVISION_LINKS:
-        raise ValueError(f"{name!r} has no torchvision layout to adopt; ones that do: {sorted(TORCHVISION_LINKS)}")
+        raise ValueError(f"{name!r} has no torchvision download to adopt; ones that do: {sorted(TORCHVISION_LINKS)}")
     root = data_root(root)
     dataset_dir = spec.dataset_dir(root)
     made = []

@@ -133,7 +133,8 @@ def view_loader(images: ImageSet, spec: ViewSpec, *, batch_size: int = 64, num_w
         raise ValueError(f"num_workers must be an int >= 0 (0 = load in this process), got {num_workers!r}")
     if len(images) == 0:
         raise ValueError(f"ImageSet {images.name!r} is empty; nothing to load")
-    generator = torch.Generator().manual_seed(int(spec.seed)) if shuffle else None
+    # always our own generator: DataLoader otherwise draws its worker base seed from the global RNG
+    generator = torch.Generator().manual_seed(int(spec.seed))
     return DataLoader(
         ImageViews(images, spec),
         batch_size=batch_size,
