@@ -136,3 +136,38 @@ def tensor_batches(views: torch.Tensor, batch_size: int = 64) -> Callable[[int],
             yield views[:, s:s + batch_size]
 
     return batches
+
+
+def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, kind: Literal["dense", "pooled"] = "dense",
+                         views: int | str = 0, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
+                         autocast_dtype: str | None = None, verify: Literal["full", "size", "none"] = "full",
+                         progress: bool = True) -> CacheEntry:
+    """Cached features of an ``ImageSet``: ``views=0`` one eval view, ``views=K`` K augmented views.
+
+    Each image is decoded once and its K views cut from that decode (``safelib.data``'s
+    ``ImageViews``); view ``v`` of image ``i`` is seeded by ``(seed, v, i)``, so a resumed build
+    cuts the same views. ``split`` names the set's role ("train", "val", "test") in the key.
+
+    Example::
+
+        train = cache_image_features(clip, few_shot_train, "cache/", split="train", views=10, seed=1)
+        train[3]   # memmap N x C x H x W: the fourth augmented view of every image
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import ImageViews, ViewSpec, collate_views
+
+    spec = ViewSpec.for_clip(clip, views=views, seed=seed)
+    fields = feature_cache_fields(clip, kind=kind, dataset=images.name, split=split, ids=list(images.ids),
+                                  transform=repr(spec.transform()), views=spec.num_views, view_seed=spec.seed,
+                                  autocast_dtype=autocast_dtype)
+    dataset = ImageViews(images, spec)
+
+    def batches(start: int) -> Iterator[torch.Tensor]:
+        rest = Subset(dataset, range(start, len(dataset)))  # items keep their index: same views on resume
+        loader = DataLoader(rest, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
+                            pin_memory=clip.device.type == "cuda")
+        for batch in loader:
+            yield batch.images                                                  # V x B x 3 x S x S
+
+    return cache_features(clip, fields, batches, root, verify=verify, progress=progress)

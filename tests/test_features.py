@@ -21,6 +21,9 @@ def tiny_clip(seed: int = 0) -> "sl.ClipModel":
                                                                   head_width=64),
                            text_cfg=CLIPTextCfg(context_length=16, width=32, heads=2, layers=1))
     model.eval().requires_grad_(False)
+    open_clip.set_model_preprocess_cfg(model, {"size": 64, "mode": "RGB", "mean": sl.data.CLIP_MEAN,
+                                               "std": sl.data.CLIP_STD, "interpolation": "bicubic",
+                                               "resize_mode": "shortest", "fill_color": 0})
     return sl.ClipModel("tiny", None, model, preprocess=None, tokenizer=None)
 
 
@@ -211,3 +214,46 @@ def test_batches_must_cover_the_declared_images(clip, tmp_path):
         cache_features(clip, _fields(clip, 5), tensor_batches(_images(4), 2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="2 views"):
         cache_features(clip, _fields(clip, 3), tensor_batches(_images(3, views=1), 2), tmp_path, progress=False)
+
+
+class _Pictures:
+    """A picklable reader of generated pictures; ``broken`` ids raise, like an unreadable file."""
+
+    def __init__(self, broken=()):
+        self.broken = set(broken)
+
+    def __call__(self, image_id):
+        from PIL import Image
+        if image_id in self.broken:
+            raise OSError(f"cannot read {image_id}")
+        rng = np.random.default_rng(int(image_id.removeprefix("pic")))
+        return Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+
+
+def _image_set(reader, n=6):
+    return sl.ImageSet(ids=[f"pic{i}" for i in range(n)], labels=[i % 2 for i in range(n)],
+                       classnames=("a", "b"), reader=reader, name="pictures/train")
+
+
+def test_image_sets_cache_their_augmented_views_and_resume_identically(clip, tmp_path, monkeypatch):
+    from safelib.data import ImageViews, ViewSpec
+    from safelib.features import cache_image_features
+
+    fresh = cache_image_features(clip, _image_set(_Pictures()), tmp_path / "a", split="train", views=2, seed=3,
+                                 batch_size=2, progress=False)
+    spec = ViewSpec.for_clip(clip, views=2, seed=3)
+    views_of_4 = ImageViews(_image_set(_Pictures()), spec)[4][0]                   # 2 x 3 x S x S
+    torch.testing.assert_close(fresh.rows(1, [4]).float(), dense_features(clip, views_of_4[1:]), rtol=2e-3, atol=2e-3)
+
+    row_bytes = clip.dense_channels * clip.grid ** 2 * 2
+    monkeypatch.setattr(cache_mod, "CHUNK_BYTES", 2 * row_bytes)                  # chunks of 2 images
+    with pytest.raises(OSError, match="pic5"):
+        cache_image_features(clip, _image_set(_Pictures(broken={"pic5"})), tmp_path / "b", split="train",
+                             views=2, seed=3, batch_size=2, progress=False)
+    resumed = cache_image_features(clip, _image_set(_Pictures()), tmp_path / "b", split="train", views=2, seed=3,
+                                   batch_size=2, progress=False)
+    assert resumed.manifest["chunk_rows"] == 2
+    for view in range(2):
+        np.testing.assert_array_equal(resumed[view], fresh[view])
+    eval_entry = cache_image_features(clip, _image_set(_Pictures()), tmp_path / "a", split="test", progress=False)
+    assert eval_entry.num_views == 1 and eval_entry.path != fresh.path

@@ -1,0 +1,143 @@
+"""A fitted SAFE model as one object: images in, class logits out; saved and loaded as a file.
+
+It holds what SAFE adds to CLIP (the fine-tuned attnpool, the text classifier, the blend, the
+class names and prompt templates) and borrows the frozen trunk and original attnpool from a
+``ClipModel``. The file is safetensors (no pickle: safe to receive from someone else) with the
+metadata needed to rebuild it; loading onto another backbone or other weights is refused.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .attnpool import attention_pool
+from .methods.blend import blend_features, class_logits
+
+FILE_FORMAT = "safelib.SafeClassifier/1"
+
+
+def attnpool_fingerprint(attnpool: nn.Module) -> str:
+    """A hash of an attnpool's weights: tells whether two models pool identically, whatever their tags."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(attnpool.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class SafeClassifier(nn.Module):
+    """``logits = logit_scale * blend(f_ft, f_orig) @ W_text`` for preprocessed images N x 3 x S x S.
+
+    ``clip``'s trunk and original attnpool stay frozen and are not part of the saved file; only
+    ``attnpool`` (the fine-tuned copy) and ``text_weights`` (D x K) are. ``clip`` is borrowed, not a
+    submodule: move it with ``clip.to(device)`` alongside ``classifier.to(device)``.
+    """
+
+    def __init__(self, clip, attnpool: nn.Module, text_weights: Tensor, classnames: Sequence[str],
+                 templates: Sequence[str], blend: float):
+        super().__init__()
+        if text_weights.ndim != 2 or text_weights.shape[0] != clip.embed_dim:
+            raise ValueError(f"text_weights must be D x K with D={clip.embed_dim}, got {tuple(text_weights.shape)}")
+        if len(classnames) != text_weights.shape[1]:
+            raise ValueError(f"{len(classnames)} classnames for {text_weights.shape[1]} text_weights columns")
+        if not 0 <= blend <= 1:
+            raise ValueError(f"blend must be in [0, 1], got {blend}")
+        if attnpool.state_dict().keys() != clip.attnpool.state_dict().keys():
+            raise ValueError("attnpool is not an attention pooling of this clip's kind (its tensors differ)")
+        self.clip = clip
+        self.attnpool = attnpool.eval().requires_grad_(False)
+        self.register_buffer("text_weights", text_weights.detach().float().clone())
+        self.classnames, self.templates, self.blend = tuple(classnames), tuple(templates), float(blend)
+
+    @classmethod
+    def from_safe(cls, clip, method, templates: Sequence[str]) -> "SafeClassifier":
+        """Package a fitted ``Safe`` method (its attnpool, text classifier, chosen blend) with ``clip``."""
+        if not getattr(method, "_fitted", False):
+            raise RuntimeError("fit the Safe method before packaging it")
+        head = method.head
+        classnames = head.classnames or tuple(f"class {k}" for k in range(head.num_classes))
+        return cls(clip, method.training.attnpool, head.classifier, classnames, templates, method.blend.blend)
+
+    @torch.no_grad()
+    def features_from_dense(self, dense: Tensor) -> Tensor:
+        """Blended unit features N x D from dense maps N x C x H x W (one pass per pooling)."""
+        dense = dense.to(self.text_weights.device, torch.float32)
+        f_ft = attention_pool(self.attnpool, dense)
+        f_orig = attention_pool(self.clip.attnpool, dense)
+        return blend_features(f_ft, f_orig, self.blend)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """Class logits N x K for preprocessed images N x 3 x S x S."""
+        dense = self.clip.trunk(images.to(self.text_weights.device))                  # N x C x H x W
+        return class_logits(self.features_from_dense(dense), self.text_weights, self.clip.logit_scale)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> list[str]:
+        """Class names of the most likely class."""
+        return [self.classnames[k] for k in self(images).argmax(-1).tolist()]
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FILE_FORMAT, "backbone": self.clip.name, "weights": str(self.clip.pretrained),
+            "attnpool_fingerprint": attnpool_fingerprint(self.clip.attnpool),
+            "classnames": json.dumps(self.classnames), "templates": json.dumps(self.templates),
+            "blend": repr(self.blend),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a .safetensors file atomically (temp file, then rename)."""
+        path = Path(path)
+        tensors = {f"attnpool.{k}": v.detach().cpu().contiguous() for k, v in self.attnpool.state_dict().items()}
+        tensors["text_weights"] = self.text_weights.cpu().contiguous()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, clip=None) -> "SafeClassifier":
+        """Rebuild from ``save``'s file onto ``clip`` (default: ``load_clip`` of the saved backbone and weights)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no SafeClassifier file at {path}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a SafeClassifier file (format {meta.get('format')!r}, "
+                             f"expected {FILE_FORMAT!r})")
+        if clip is None:
+            from .models import load_clip
+            clip = load_clip(meta["backbone"], meta["weights"])
+        if clip.name != meta["backbone"]:
+            raise ValueError(f"{path} was fitted on backbone {meta['backbone']!r}; it cannot run on {clip.name!r}. "
+                             f"Load it with sl.load_clip({meta['backbone']!r}, {meta['weights']!r}).")
+        fingerprint = attnpool_fingerprint(clip.attnpool)
+        if fingerprint != meta["attnpool_fingerprint"]:
+            raise ValueError(f"{path} was fitted on {meta['backbone']} with weights {meta['weights']!r}, but the "
+                             f"given model's weights ({clip.pretrained!r}) differ (attnpool fingerprint "
+                             f"{fingerprint} != {meta['attnpool_fingerprint']}); load the same weights")
+        device = clip.device
+        attnpool = copy.deepcopy(clip.attnpool)
+        state = {k.removeprefix("attnpool."): v for k, v in tensors.items() if k.startswith("attnpool.")}
+        attnpool.load_state_dict(state)
+        return cls(clip, attnpool.to(device), tensors["text_weights"].to(device), json.loads(meta["classnames"]),
+                   json.loads(meta["templates"]), float(meta["blend"]))
