@@ -28,6 +28,11 @@ from .data import (
 )
 from .data import register as register_dataset
 
-# --- features and SAFE ---
+# --- features and SAFE (issue 3: cache, SAFE training, blending, SafeClassifier) ---
+from .cache import CacheEntry, CacheError, open_entry
+from .classifier import SafeClassifier
+from .features import cache_features, cache_image_features, dense_features, feature_cache_fields, pooled_features
+from .methods.blend import BlendChoice, blend_features, choose_blend, fixed_blend, sweep_blend
+from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
 
 # --- methods and runs ---

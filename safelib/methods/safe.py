@@ -217,6 +217,7 @@ class Safe(FewShotMethod):
 
     name = "safe"
     config_class = SafeConfig
+    feature_kind = "dense"  # SAFE pools the cached dense maps itself
 
     def _fit(self, data: FewShotData) -> None:
         head = data.head
