@@ -20,10 +20,14 @@ from .base import (
 from .clip_adapter import ClipAdapter, ClipAdapterConfig, adapter_mix
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .tip_adapter import TipAdapter, TipAdapterConfig, TipAdapterF, TipAdapterFConfig, cache_logits, tip_logits
+from .safe import Safe, SafeConfig
 from .zero_shot import ZeroShot, ZeroShotConfig
 
+if Safe.feature_kind != "dense":
+    Safe.feature_kind = "dense"  # SAFE pools the cached dense maps itself
+
 METHODS: dict[str, type[FewShotMethod]] = {
-    cls.name: cls for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF)
+    cls.name: cls for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe)
 }
 
 
@@ -76,6 +80,8 @@ __all__ = [
     "SplitFeatures",
     "accuracy",
     "select_best",
+    "Safe",
+    "SafeConfig",
     "ZeroShot",
     "ZeroShotConfig",
     "LinearProbe",

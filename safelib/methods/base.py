@@ -234,6 +234,9 @@ class FewShotMethod(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
+    # What the run must cache for it: "pooled" features, or "dense" maps for methods that pool
+    # themselves (SAFE). Dense-map splits also serve pooled features (pooled on demand).
+    feature_kind: ClassVar[str] = "pooled"
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         config = self.config_class() if config is None else config

@@ -1,0 +1,118 @@
+"""Run records -> tidy tables: mean and std over seeds per dataset and shot, and the 11-dataset mean.
+
+Records are found by glob (one JSON file per run, see ``safelib.runs``), so records written by
+many machines into one folder aggregate without any coordination. Tables are long ("tidy"):
+one row per (dataset, model, method, setting, shots), ready for seaborn and the book.
+Std is the sample standard deviation over seeds (ddof = 1; NaN with a single seed).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+from .runs import RECORD_SUFFIX, read_record
+
+BENCHMARK_MEAN = "mean (11 datasets)"
+GROUP = ["dataset", "backbone", "weights", "method", "setting", "shots"]
+METRICS = ["val_acc", "test_acc", "wall_seconds"]
+
+
+def load_records(*sources: str | os.PathLike) -> pd.DataFrame:
+    """One row per record under each folder (searched recursively) or matching each glob pattern.
+
+    Temporary files of interrupted writes never match (they end in ``.tmp``).
+    """
+    if not sources:
+        raise ValueError("give at least one folder or glob pattern of run records (e.g. 'runs')")
+    paths: list[Path] = []
+    for source in sources:
+        source = Path(source)
+        if source.is_dir():
+            paths += sorted(source.rglob(f"*{RECORD_SUFFIX}"))
+        else:
+            paths += sorted(Path(p) for p in glob.glob(str(source), recursive=True) if not p.endswith(".tmp"))
+    rows = []
+    for path in dict.fromkeys(paths):  # de-duplicated, order kept
+        record = read_record(path)
+        rows.append({
+            "dataset": record["dataset"], "backbone": record["backbone"], "weights": str(record["weights"]),
+            "method": record["method"], "setting": record.get("setting", ""), "shots": record["shots"],
+            "seed": record["seed"], "val_acc": record["val_acc"], "test_acc": record["test_acc"],
+            "wall_seconds": record["wall_seconds"], "chosen": json.dumps(record["chosen"], sort_keys=True),
+            "git_commit": record.get("git_commit"), "path": str(path),
+        })
+    columns = [*GROUP, "seed", *METRICS, "chosen", "git_commit", "path"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def aggregate(records: pd.DataFrame, benchmark_datasets: Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean and std over seeds per group, plus ``BENCHMARK_MEAN`` rows where all 11 datasets are in.
+
+    ``benchmark_datasets`` defaults to the registry's 11 benchmarks.
+    """
+    _check_columns(records)
+    table = _over_seeds(records)
+    mean = benchmark_mean(records, benchmark_datasets)
+    return pd.concat([table, mean], ignore_index=True) if len(mean) else table
+
+
+def _over_seeds(records: pd.DataFrame) -> pd.DataFrame:
+    if records.empty:
+        return pd.DataFrame(columns=[*GROUP, "n_seeds", "seeds", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")]])
+    grouped = records.groupby(GROUP, sort=True, dropna=False)
+    table = grouped[METRICS].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table.insert(0, "n_seeds", grouped["seed"].nunique())
+    table.insert(1, "seeds", grouped["seed"].agg(lambda s: ",".join(str(x) for x in sorted(s))))
+    return table.reset_index()
+
+
+def benchmark_mean(records: pd.DataFrame, datasets: Sequence[str] | None = None) -> pd.DataFrame:
+    """The 11-dataset mean: per seed, the mean over the datasets (only seeds that have all of
+    them), then mean and std over those seeds. Groups missing a dataset get no row."""
+    _check_columns(records)
+    if datasets is None:
+        from .data import list_datasets
+
+        datasets = list_datasets(kind="benchmark")
+    datasets = list(datasets)
+    subset = records[records["dataset"].isin(datasets)]
+    if subset.empty:
+        return _over_seeds(subset)
+    keys = [c for c in GROUP if c != "dataset"]
+    per_seed = subset.groupby([*keys, "seed"], dropna=False).agg(
+        n=("dataset", "nunique"), **{m: (m, "mean") for m in METRICS}
+    ).reset_index()
+    per_seed = per_seed[per_seed["n"] == len(datasets)].drop(columns="n")
+    per_seed.insert(0, "dataset", BENCHMARK_MEAN)
+    return _over_seeds(per_seed)
+
+
+def summary_table(table: pd.DataFrame, metric: str = "test_acc", digits: int = 1) -> pd.DataFrame:
+    """Rows (dataset, method), one column per shot count, cells "mean ± std (n)" for printing."""
+    if f"{metric}_mean" not in table:
+        raise ValueError(f"metric {metric!r} is not in the table; valid: {', '.join(METRICS)}")
+    if table.empty:
+        return pd.DataFrame()
+
+    def cell(row: pd.Series) -> str:
+        std = row[f"{metric}_std"]
+        spread = "" if pd.isna(std) else f" ± {std:.{digits}f}"
+        return f"{row[f'{metric}_mean']:.{digits}f}{spread} ({row['n_seeds']})"
+
+    cells = table.assign(cell=table.apply(cell, axis=1))
+    return cells.pivot_table(index=["dataset", "method"], columns="shots", values="cell", aggfunc="first")
+
+
+def _check_columns(records: pd.DataFrame) -> None:
+    missing = [c for c in [*GROUP, "seed", *METRICS] if c not in records]
+    if missing:
+        raise ValueError(f"records lack columns {missing}; build them with load_records()")
+
+
+__all__ = ["BENCHMARK_MEAN", "aggregate", "benchmark_mean", "load_records", "summary_table"]
