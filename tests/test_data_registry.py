@@ -283,3 +283,30 @@ def test_cli_prints_present_and_missing(tmp_path, capsys):
 
     main(["--root", str(tmp_path)])
     assert "oxford_pets" in capsys.readouterr().out
+
+
+def test_download_runs_torchvision_then_adopts_then_fetches_the_split(tmp_path, monkeypatch):
+    """No network in tests: torchvision's class and the Google Drive fetch are replaced by fakes
+    that write what the real ones would, so the wiring (folders, adopt, split file) is checked."""
+    import torchvision.datasets
+    import torchvision.datasets.utils
+
+    calls = []
+
+    class FakePets:
+        def __init__(self, root, download=False):
+            calls.append(("torchvision", root, download))
+            make_coop(Path(root), "oxford-iiit-pet", "images", "split.json")
+
+    def fake_gdrive(file_id, folder, filename):
+        calls.append(("gdrive", file_id, filename))
+        (Path(folder) / filename).write_text((tmp_path / "oxford-iiit-pet/split.json").read_text())
+
+    monkeypatch.setattr(torchvision.datasets, "OxfordIIITPet", FakePets)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_file_from_google_drive", fake_gdrive)
+    ds = D.get_dataset("oxford_pets", root=tmp_path, download=True)
+    assert len(ds.train) == 6 and (tmp_path / "oxford_pets/images").is_symlink()
+    assert calls == [("torchvision", str(tmp_path), True),
+                     ("gdrive", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs", "split_zhou_OxfordPets.json")]
+    D.get_dataset("oxford_pets", root=tmp_path, download=True)  # present: nothing is fetched again
+    assert len(calls) == 2
