@@ -49,7 +49,8 @@ def test_elpv_missing_package_says_how_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "elpv_dataset" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "elpv_dataset" else real(name, *a))
     with pytest.raises(D.DatasetMissingError, match="pip install elpv-dataset"):
         D.get_dataset("elpv")
 

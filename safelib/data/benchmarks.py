@@ -174,7 +174,7 @@ def _build_variant(image_sub: str, by_index: bool) -> Callable[[Path], Splits]:
                                       f"{dataset_dir.name}/test")
         else:
             test = _wnid_folders(image_dir, names, f"{dataset_dir.name}/test")
-        return None, None, test  # type: ignore[return-value]
+        return None, None, test
 
     return build
 

@@ -54,7 +54,8 @@ def fixed_split(images: ImageSet, fractions: Sequence[float] = SPLIT_FRACTIONS, 
         for part, cut in zip(parts, (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])):
             part.extend(sorted(cut, key=lambda i: images.ids[i]))
     base = images.name
-    return tuple(images.subset(p, name=f"{base}/{s}") for p, s in zip(parts, ("train", "val", "test")))  # type: ignore[return-value]
+    train, val, test = (images.subset(p, name=f"{base}/{s}") for p, s in zip(parts, ("train", "val", "test")))
+    return train, val, test
 
 
 def _missing_package(module: str, install: str) -> list[str]:

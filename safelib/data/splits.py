@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .imageset import FolderReader, ImageSet
 
-Splits = tuple[ImageSet, ImageSet | None, ImageSet]
+Splits = tuple[ImageSet | None, ImageSet | None, ImageSet]  # (train, val, test); None = no such split
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -70,8 +70,8 @@ def read_coop_split(split_file: Path, image_dir: Path, name: str = "") -> Splits
     if sorted(names) != list(range(len(names))):
         raise SplitFormatError(f"{split_file}: labels must be 0..K-1 without gaps, got {sorted(names)[:10]}...")
     classnames = tuple(names[k] for k in range(len(names)))
-    return tuple(_sorted_set(parts[p], classnames, image_dir, f"{name}/{p}")  # type: ignore[return-value]
-                 for p in ("train", "val", "test"))
+    train, val, test = (_sorted_set(parts[p], classnames, image_dir, f"{name}/{p}") for p in ("train", "val", "test"))
+    return train, val, test
 
 
 def read_fgvc_aircraft(dataset_dir: Path, name: str = "fgvc_aircraft") -> Splits:
