@@ -1,0 +1,212 @@
+"""Few-shot tasks in the mini-world that pretraining never posed as tasks.
+
+*Target among distractors*: the label is an attribute (shape or colour) of one designated
+object, the target, while the other objects vary freely and may carry any other class's
+attribute. The target is either the only large object ("largest") or the only outlined one
+("outlined"). Zero-shot prompts name only the class ("a star."), so a model whose pooling spreads
+its attention over every object is confused; SAFE can learn to pool from the target. Because we
+drew the scene we know the target's mask, hence which cells of the attention-pooling grid it
+covers, and can measure how much attention lands there (`target_attention_mass`).
+
+Images are rendered on demand from their id (`"<task>/<split>/<index>"`), a pure function of the
+task's seed, so an `ImageSet` costs nothing to build and pickles for worker processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import miniworld as mw
+from .imageset import ImageSet
+from .registry import register
+
+TARGETS: tuple[str, ...] = ("largest", "outlined")
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": mw.SHAPES, "colour": tuple(mw.COLOURS)}
+TEMPLATES: dict[str, tuple[str, ...]] = {"shape": mw.SHAPE_TEMPLATES, "colour": mw.COLOUR_TEMPLATES}
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TargetTask:
+    """A target-among-distractors task; every image is a function of these fields and its index.
+
+    attribute: what the label is ("shape" or "colour") of the target.
+    target: which object is the target: "largest" (distractors all small) or "outlined"
+        (the only object with an outline; sizes vary for all).
+    distractors: inclusive (low, high) number of distractor objects.
+    style / test_style: rendering styles of train+val and of test (differ for a shift study).
+    per_class: images per class in (train, val, test).
+    """
+
+    attribute: str = "shape"
+    target: str = "largest"
+    distractors: tuple[int, int] = (2, 3)
+    style: str = "plain"
+    test_style: str | None = None
+    per_class: tuple[int, int, int] = (32, 8, 50)
+    image_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attribute not in ATTRIBUTES:
+            raise ValueError(f"unknown attribute {self.attribute!r}; valid: {tuple(ATTRIBUTES)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; valid: {TARGETS}")
+        object.__setattr__(self, "distractors", tuple(int(d) for d in self.distractors))
+        object.__setattr__(self, "per_class", tuple(int(n) for n in self.per_class))
+        lo, hi = self.distractors
+        if not 0 <= lo <= hi <= 6:
+            raise ValueError(f"distractors must be a (low, high) range within 0..6, got {self.distractors}")
+        if len(self.per_class) != 3 or min(self.per_class) < 1:
+            raise ValueError(f"per_class must be three counts >= 1 (train, val, test), got {self.per_class}")
+        mw.get_style(self.style)
+        if self.test_style is not None:
+            mw.get_style(self.test_style)
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+
+    @property
+    def classnames(self) -> tuple[str, ...]:
+        return ATTRIBUTES[self.attribute]
+
+    @property
+    def name(self) -> str:
+        return f"miniworld_{self.attribute}_{self.target}"
+
+    def split_style(self, split: str) -> str:
+        return self.test_style if split == "test" and self.test_style is not None else self.style
+
+    def label_of(self, index: int) -> int:
+        """Classes cycle with the index, so every split is balanced."""
+        return index % len(self.classnames)
+
+
+def _parse_id(image_id: str) -> tuple[str, int]:
+    try:
+        *_, split, index = image_id.split("/")
+        if split not in SPLITS:
+            raise ValueError
+        return split, int(index)
+    except ValueError:
+        raise ValueError(f"not a mini-world task id: {image_id!r}; expected '<task>/<split>/<index>' "
+                         f"with split in {SPLITS}") from None
+
+
+def task_scene(task: TargetTask, image_id: str) -> tuple[mw.Scene, int]:
+    """The scene behind an id and the index of its target among `scene.objects`."""
+    split, index = _parse_id(image_id)
+    rng = np.random.default_rng([task.seed, SPLITS.index(split), index])
+    style = mw.get_style(task.split_style(split))
+    label = task.classnames[task.label_of(index)]
+    size = task.image_size
+    n_distractors = int(rng.integers(task.distractors[0], task.distractors[1] + 1))
+    if task.target == "largest":
+        target = mw.sample_object(rng, size, style, size="large", **{task.attribute: label})
+        objects = [target]
+        for _ in range(n_distractors):
+            objects.append(mw.sample_object(rng, size, style, size="small", avoid=tuple(objects)))
+    else:  # "outlined": the target alone has an outline
+        target = replace(mw.sample_object(rng, size, style, **{task.attribute: label}), outline=True)
+        objects = [target]
+        for _ in range(n_distractors):
+            objects.append(replace(mw.sample_object(rng, size, style, avoid=tuple(objects)), outline=False))
+    # Draw the target at a random depth so distractors sometimes overlap it and sometimes not.
+    order = rng.permutation(len(objects))
+    objects = tuple(objects[i] for i in order)
+    target_index = int(np.argmin(order))
+    return mw.make_scene(rng, image_size=size, style=style, objects=objects), target_index
+
+
+@dataclass(frozen=True)
+class TaskReader:
+    """id -> PIL image for a task; a frozen dataclass, so DataLoader workers can pickle it."""
+
+    task: TargetTask
+
+    def __call__(self, image_id: str) -> Image.Image:
+        return task_scene(self.task, image_id)[0].image
+
+
+def task_split(task: TargetTask, split: str) -> ImageSet:
+    """One split of a task as an `ImageSet` (ids `"<task name>/<split>/<index>"`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    n = task.per_class[SPLITS.index(split)] * len(task.classnames)
+    ids = tuple(f"{task.name}/{split}/{i:05d}" for i in range(n))
+    labels = tuple(task.label_of(i) for i in range(n))
+    return ImageSet(ids, labels, task.classnames, TaskReader(task), name=f"{task.name}/{split}")
+
+
+def task_splits(task: TargetTask) -> tuple[ImageSet, ImageSet, ImageSet]:
+    return tuple(task_split(task, s) for s in SPLITS)  # type: ignore[return-value]
+
+
+def task_of(images: ImageSet) -> TargetTask:
+    """The task an ImageSet (or a subset of one, e.g. a few-shot sample) was rendered from."""
+    if not isinstance(images.reader, TaskReader):
+        raise TypeError(f"ImageSet {images.name!r} is not a mini-world task (its reader is "
+                        f"{type(images.reader).__name__}, not TaskReader)")
+    return images.reader.task
+
+
+def target_grid_masks(images: ImageSet, grid: int) -> np.ndarray:
+    """N x grid x grid: the fraction of each attention-pooling cell the target covers (visible part).
+
+    Cell (r, c) is token 1 + r * grid + c of `safelib.attention_weights` (token 0 is the mean).
+    """
+    task = task_of(images)
+    out = np.zeros((len(images), grid, grid), dtype=np.float32)
+    for i, image_id in enumerate(images.ids):
+        scene, t = task_scene(task, image_id)
+        out[i] = mw.mask_on_grid(scene.masks[t], grid)
+    return out
+
+
+def target_cells(coverage: np.ndarray | torch.Tensor, min_coverage: float = 0.25) -> torch.Tensor:
+    """Boolean N x grid x grid: cells the target covers by at least `min_coverage` (its best cell always)."""
+    coverage = torch.as_tensor(coverage)
+    flat = coverage.flatten(1)
+    cells = flat >= min_coverage
+    cells[torch.arange(len(flat)), flat.argmax(1)] = True  # a small target still has one cell
+    return cells.view_as(coverage)
+
+
+def target_attention_mass(attention: torch.Tensor, coverage: np.ndarray | torch.Tensor,
+                          min_coverage: float = 0.25) -> torch.Tensor:
+    """Per image, the share of spatial attention on the target's cells (heads averaged, mean token excluded).
+
+    attention: N x heads x (1 + grid*grid) from `safelib.attention_weights`; coverage: N x grid x grid.
+    Returns N values in [0, 1].
+    """
+    cells = target_cells(coverage, min_coverage).flatten(1).to(attention.device)  # N x HW
+    spatial = attention[:, :, 1:].float().mean(1)  # N x HW, heads averaged, mean token dropped
+    spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
+    return (spatial * cells).sum(1)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _builder(attribute: str, target: str):
+    def build(_dataset_dir=None, **options) -> tuple[ImageSet, ImageSet, ImageSet]:
+        return task_splits(TargetTask(attribute=attribute, target=target, **options))
+    return build
+
+
+def register_miniworld(overwrite: bool = True) -> list[str]:
+    """Register every (attribute, target) task, e.g. `get_dataset("miniworld_shape_largest", seed=1)`."""
+    names = []
+    for attribute in ATTRIBUTES:
+        for target in TARGETS:
+            task = TargetTask(attribute=attribute, target=target)
+            register(
+                task.name, _builder(attribute, target), overwrite=overwrite, kind="generated",
+                title=f"mini-world: {attribute} of the {target} object among distractors",
+                templates=TEMPLATES[attribute],
+                how_to_get="generated in memory from a seed; always present (options: see TargetTask)",
+            )
+            names.append(task.name)
+    return names

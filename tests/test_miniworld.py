@@ -1,0 +1,154 @@
+"""The mini-world generator and its target-among-distractors tasks."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from safelib.data import miniworld as mw
+from safelib.data import miniworld_tasks as mt
+
+
+def test_scene_is_a_pure_function_of_the_seed():
+    a = mw.make_scene(7, style="pretrain")
+    b = mw.make_scene(7, style="pretrain")
+    c = mw.make_scene(8, style="pretrain")
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.caption == b.caption and a.objects == b.objects
+    assert np.array_equal(a.masks, b.masks)
+    assert not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_batches_are_deterministic_and_shaped():
+    imgs1, caps1 = mw.scene_batch(np.random.default_rng([3, 5]), 4, image_size=64)
+    imgs2, caps2 = mw.scene_batch(np.random.default_rng([3, 5]), 4, image_size=64)
+    assert imgs1.shape == (4, 64, 64, 3) and imgs1.dtype == np.uint8
+    assert np.array_equal(imgs1, imgs2) and caps1 == caps2
+
+
+def test_visible_masks_carry_the_object_colour_and_do_not_overlap():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = mw.make_scene(rng, n_objects=3, style=mw.Style(colour_jitter=0.0))
+        assert scene.masks.shape == (len(scene.objects), 128, 128)
+        assert (scene.masks.sum(0) <= 1).all()  # occlusion removed: a pixel belongs to one object
+        pixels = np.asarray(scene.image).astype(int)
+        for obj, mask in zip(scene.objects, scene.masks):
+            if mask.sum() < 10:
+                continue
+            median = np.median(pixels[mask], axis=0)
+            assert np.abs(median - np.array(mw.COLOURS[obj.colour])).max() <= 1
+
+
+def test_caption_names_objects_with_their_vocabulary():
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        scene = mw.make_scene(rng, n_objects=(1, 3))
+        assert scene.caption.endswith(".")
+        for obj in scene.objects:  # each object is named by its shape or, failing that, its colour
+            assert obj.shape in scene.caption or obj.colour in scene.caption
+
+
+def test_position_words_follow_the_thirds():
+    obj = mw.SceneObject("star", "red", "small", x=10, y=10, radius=5)
+    assert obj.position(120) == "top left"
+    assert mw.SceneObject("star", "red", "small", x=60, y=110, radius=5).position(120) == "bottom"
+
+
+def test_bad_knobs_name_the_valid_values():
+    with pytest.raises(ValueError, match="plain"):
+        mw.Style(backgrounds=("marble",))
+    with pytest.raises(ValueError, match="valid"):
+        mw.get_style("nope")
+    with pytest.raises(ValueError, match="circle"):
+        mw.SceneObject("hexagon", "red", "small", 1, 1, 1)
+    with pytest.raises(ValueError, match="divisible"):
+        mw.mask_on_grid(np.zeros((10, 10)), 4)
+
+
+def test_mask_on_grid_is_the_cell_coverage():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:4, :4] = True  # the whole top-left cell of a 2 x 2 grid
+    mask[4:6, 4:8] = True  # half of the bottom-right cell
+    cov = mw.mask_on_grid(mask, 2)
+    assert np.allclose(cov, [[1.0, 0.0], [0.0, 0.5]])
+
+
+def test_styles_change_the_rendering():
+    objs = mw.sample_objects(np.random.default_rng(0), 2, 128, mw.get_style("plain"))
+    plain = np.asarray(mw.make_scene(0, objects=objs, style="plain").image).astype(float)
+    textured = np.asarray(mw.make_scene(0, objects=objs, style=mw.Style(backgrounds=("checker",))).image).astype(float)
+    background = ~mw.make_scene(0, objects=objs).masks.any(0)
+    assert plain[background].std(0).max() < 1.0  # a plain background is flat
+    assert textured[background].std(0).max() > 5.0
+
+
+# ----------------------------------------------------------------------------- tasks
+
+TASK = mt.TargetTask(per_class=(2, 1, 3), seed=4)
+
+
+def test_task_splits_are_balanced_deterministic_and_picklable():
+    train, val, test = mt.task_splits(TASK)
+    assert len(train) == 12 and len(val) == 6 and len(test) == 18
+    assert train.class_counts() == (2,) * 6
+    assert set(train.ids).isdisjoint(test.ids)
+    again = pickle.loads(pickle.dumps(test))
+    assert np.array_equal(np.asarray(again.load_image(5)), np.asarray(test.load_image(5)))
+
+
+def test_target_has_the_label_and_is_the_only_large_object():
+    train = mt.task_split(TASK, "train")
+    for i, image_id in enumerate(train.ids):
+        scene, t = mt.task_scene(TASK, image_id)
+        assert scene.objects[t].shape == train.classnames[train.labels[i]]
+        assert scene.objects[t].size == "large"
+        assert all(o.size == "small" for j, o in enumerate(scene.objects) if j != t)
+        assert 2 <= len(scene.objects) - 1 <= 3
+
+
+def test_outlined_target_is_the_only_outlined_object():
+    task = mt.TargetTask(attribute="colour", target="outlined", per_class=(1, 1, 1))
+    for image_id in mt.task_split(task, "test").ids:
+        scene, t = mt.task_scene(task, image_id)
+        assert [o.outline for o in scene.objects].count(True) == 1 and scene.objects[t].outline
+
+
+def test_test_style_shifts_only_the_test_split():
+    task = mt.TargetTask(per_class=(1, 1, 1), style="plain", test_style="textured")
+    assert mt.task_scene(task, "x/train/0")[0].background == "plain"
+    assert {mt.task_scene(task, f"x/test/{i}")[0].background for i in range(6)} <= set(mw.STYLES["textured"].backgrounds)
+
+
+def test_target_grid_masks_cover_the_target():
+    test = mt.task_split(TASK, "test").subset(range(6))
+    cov = mt.target_grid_masks(test, 4)
+    assert cov.shape == (6, 4, 4)
+    assert (cov.max(axis=(1, 2)) > 0.3).all()  # a large target fills much of some cell
+    assert ((cov >= 0) & (cov <= 1)).all()
+
+
+def test_attention_mass_counts_only_target_cells():
+    coverage = np.zeros((2, 2, 2), dtype=np.float32)
+    coverage[:, 0, 0] = 1.0  # target in the top-left cell
+    attention = torch.tensor([
+        [[0.5, 0.5, 0.0, 0.0, 0.0]],   # all spatial attention on the target cell
+        [[0.2, 0.2, 0.2, 0.2, 0.2]],   # uniform
+    ])
+    mass = mt.target_attention_mass(attention, coverage)
+    assert torch.allclose(mass, torch.tensor([1.0, 0.25]))
+
+
+def test_registry_exposes_the_tasks():
+    from safelib.data import get_dataset
+    mt.register_miniworld()
+    data = get_dataset("miniworld_colour_largest", per_class=(1, 1, 2), seed=2)
+    assert data.classnames == tuple(mw.COLOURS)
+    assert data.templates == mw.COLOUR_TEMPLATES
+    assert len(data.test) == 12
+    with pytest.raises(ValueError, match="valid"):
+        mt.TargetTask(target="smallest")
+    with pytest.raises(TypeError, match="TaskReader"):
+        mt.task_of(data.test.__class__(("a",), (0,), ("c",), lambda i: None))
