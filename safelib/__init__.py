@@ -35,4 +35,16 @@ from .features import cache_features, cache_image_features, dense_features, feat
 from .methods.blend import BlendChoice, blend_features, choose_blend, fixed_blend, sweep_blend
 from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
 
-# --- methods and runs ---
+# --- methods and runs (issue 6: one fit/predict protocol, run records, aggregation) ---
+from . import methods
+from .aggregate import aggregate, load_records, summary_table
+from .methods import (
+    METHODS,
+    ClipHead,
+    FewShotData,
+    FewShotMethod,
+    SplitFeatures,
+    make_method,
+    method_config,
+)
+from .runs import RunConfig, RunConfigError, run, run_grid

@@ -278,3 +278,13 @@ def test_dense_only_splits_are_pooled_with_the_original_attnpool():
         torch.testing.assert_close(data.pooled(split), expected, rtol=1e-4, atol=1e-5)
     logits = make_method("zero_shot").fit(data).predict(val)
     torch.testing.assert_close(logits, 100 * F.normalize(expected[0], dim=-1) @ head.classifier, rtol=1e-4, atol=1e-3)
+
+
+def test_batched_validation_scores_match_one_at_a_time():
+    from safelib.methods.base import batch_validation_scores, validation_scores
+
+    g = torch.Generator().manual_seed(14)
+    logits, labels = torch.randn(5, 7, 3, generator=g), torch.randint(0, 3, (7,), generator=g)
+    for batched, one in zip(batch_validation_scores(logits, labels), [validation_scores(lg, labels) for lg in logits]):
+        assert batched["val_acc"] == pytest.approx(one["val_acc"])
+        assert batched["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)

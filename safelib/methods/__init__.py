@@ -23,9 +23,6 @@ from .tip_adapter import TipAdapter, TipAdapterConfig, TipAdapterF, TipAdapterFC
 from .safe import Safe, SafeConfig
 from .zero_shot import ZeroShot, ZeroShotConfig
 
-if Safe.feature_kind != "dense":
-    Safe.feature_kind = "dense"  # SAFE pools the cached dense maps itself
-
 METHODS: dict[str, type[FewShotMethod]] = {
     cls.name: cls for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe)
 }

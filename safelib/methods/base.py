@@ -291,6 +291,15 @@ def validation_scores(logits: Tensor, labels: Tensor) -> dict[str, float]:
     }
 
 
+def batch_validation_scores(logits: Tensor, labels: Tensor) -> list[dict[str, float]]:
+    """`validation_scores` of many candidates at once: logits ``C x N x K`` -> C score dicts."""
+    logits = logits.float()
+    labels = labels.to(logits.device).long()
+    acc = 100.0 * (logits.argmax(dim=-1) == labels).float().mean(dim=-1)  # C
+    loss = F.cross_entropy(logits.transpose(1, 2), labels.expand(logits.shape[0], -1), reduction="none").mean(-1)
+    return [{"val_acc": a, "val_loss": l} for a, l in zip(acc.tolist(), loss.tolist())]
+
+
 def best_index(scores: Sequence[dict[str, float]]) -> int:
     """Best = highest accuracy; ties (frequent on a few-shot validation set) go to the lower
     cross-entropy, then to the earlier candidate, so callers list their preferred default first."""

@@ -38,7 +38,7 @@ from .base import (
     eval_view,
     one_hot,
     pool_split,
-    validation_scores,
+    batch_validation_scores,
 )
 from .feature_training import train_on_views
 
@@ -117,12 +117,12 @@ def search_alpha_beta(
     """Best ``(alpha, beta)`` on validation and its scores; the affinity is computed once."""
     text = logit_scale * features @ classifier  # N x K
     affinity = features @ keys.t()  # N x M
+    weights = torch.tensor(alphas, dtype=text.dtype, device=text.device).view(-1, 1, 1) * (logit_scale / 100.0)
     candidates, scores = [], []
     for beta in betas:
         cache = torch.exp(-beta * (1.0 - affinity)) @ values  # N x K
-        for alpha in alphas:
-            candidates.append((alpha, beta))
-            scores.append(validation_scores(text + alpha * (logit_scale / 100.0) * cache, labels))
+        candidates += [(alpha, beta) for alpha in alphas]
+        scores += batch_validation_scores(text + weights * cache, labels)  # alphas x N x K
     best = best_index(scores)
     return candidates[best][0], candidates[best][1], scores[best]
 
