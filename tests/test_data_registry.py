@@ -310,3 +310,39 @@ def test_download_runs_torchvision_then_adopts_then_fetches_the_split(tmp_path, 
                      ("gdrive", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs", "split_zhou_OxfordPets.json")]
     D.get_dataset("oxford_pets", root=tmp_path, download=True)  # present: nothing is fetched again
     assert len(calls) == 2
+
+
+def test_imagenet_train_and_val_must_have_the_same_classes(tmp_path):
+    make_imagenet(tmp_path)
+    write_image(tmp_path / "imagenet/images/train/n01491361/extra.JPEG")  # a fourth class only in train
+    with pytest.raises(ValueError, match="4 class folders but images/val has 3"):
+        D.get_dataset("imagenet", root=tmp_path)
+
+
+def test_split_dataset_split_names_and_disagreeing_classnames():
+    ds = D.get_dataset("textile")
+    assert ds.split("test") is ds.test and ds.num_classes == 3
+    with pytest.raises(ValueError, match="split must be 'train', 'val' or 'test'"):
+        ds.split("dev")
+
+    def disagree(_dir):
+        a = D.ImageSet(["x"], [0], ["cat"], lambda i: None)
+        return a, None, D.ImageSet(["y"], [0], ["dog"], lambda i: None)
+
+    D.register("disagree", disagree, templates=("{}",))
+    try:
+        with pytest.raises(ValueError, match="train and test disagree on class names"):
+            D.get_dataset("disagree")
+    finally:
+        D.unregister("disagree")
+
+
+def test_split_only_download_fetches_the_coop_split(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    fetched = []
+    monkeypatch.setattr(torchvision.datasets.utils, "download_file_from_google_drive",
+                        lambda file_id, folder, filename: fetched.append((file_id, Path(folder), filename)))
+    with pytest.raises(D.DatasetMissingError, match="UCF-101-midframes"):  # frames cannot be fetched
+        D.get_dataset("ucf101", root=tmp_path, download=True)
+    assert fetched == [("1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y", tmp_path / "ucf101", "split_zhou_UCF101.json")]

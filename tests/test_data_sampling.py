@@ -142,3 +142,19 @@ def test_saved_ids_round_trip_and_are_checked(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="not in 'toy/train'"):
         D.load_few_shot(path, data)
+
+
+def test_bad_val_shots_and_changed_labels_on_reload(tmp_path):
+    with pytest.raises(ValueError, match="val_shots must be an int >= 0"):
+        D.sample_few_shot(make_set(), 2, 1, val_shots=-1)
+    data = make_dataset()
+    train, val = D.sample_few_shot(data, 2, seed=1)
+    path = D.save_few_shot(tmp_path / "s.json", train, val, dataset="toy", shots=2, seed=1)
+    saved = json.loads(path.read_text())
+    saved["val"]["labels"][0] = 2
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="val labels differ"):
+        D.load_few_shot(path, data)
+    test_only = D.SplitDataset("toy", data.classnames, ("{}",), None, None, data.test)
+    with pytest.raises(ValueError, match="no train split"):
+        D.load_few_shot(path, test_only)
