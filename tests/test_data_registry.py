@@ -43,6 +43,7 @@ def test_registry_lists_the_paper_datasets_in_order():
                           "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
     assert D.list_datasets("domain-shift") == ["imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
     assert {"textile", "elpv", "skimage"} <= set(D.list_datasets("offline"))
+    assert "miniworld_shape_largest" in D.list_datasets("generated")  # registered on import
     with pytest.raises(ValueError, match="kind must be one of"):
         D.list_datasets("nope")
 

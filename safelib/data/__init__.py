@@ -7,6 +7,7 @@ offline sets, generated ones) and comes back from :func:`get_dataset` as train/v
 from .benchmarks import adopt_torchvision, imagenet_names, register_benchmarks
 from .imageset import FolderReader, ImageSet
 from .loading import ImageViews, ViewBatch, ViewSpec, collate_views, view_loader, view_seed
+from .miniworld_tasks import register_miniworld
 from .offline import fixed_split, register_offline
 from .registry import (
     DatasetMissingError,
@@ -25,6 +26,7 @@ from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
 register_benchmarks()
 register_offline()
+register_miniworld()
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DatasetMissingError", "DatasetSpec", "FewShotWarning", "FolderReader", "ImageSet",

@@ -9,12 +9,15 @@ from . import data_root, dataset_spec, list_datasets
 def registry_table(root: str | None = None, verbose: bool = False) -> str:
     """One line per dataset (name, kind, present/missing, where); with ``verbose``, how to get the missing."""
     lines = [f"data root: {data_root(root).resolve()}  (--root, else $SAFELIB_DATA, else ./data)", ""]
-    lines.append(f"{'name':<16} {'kind':<13} {'status':<8} where")
-    for name in list_datasets():
+    names = list_datasets()
+    width = max(len(n) for n in names) + 1
+    lines.append(f"{'name':<{width}} {'kind':<13} {'status':<8} where")
+    for name in names:
         spec = dataset_spec(name)
         missing = spec.missing_files(root)
-        where = str(spec.dataset_dir(root)) if spec.folder else "(installed package / generated)"
-        lines.append(f"{name:<16} {spec.kind:<13} {'missing' if missing else 'present':<8} {where}")
+        where = str(spec.dataset_dir(root)) if spec.folder else (
+            "(generated in memory)" if spec.kind == "generated" else "(installed Python package)")
+        lines.append(f"{name:<{width}} {spec.kind:<13} {'missing' if missing else 'present':<8} {where}")
         if missing and verbose:
             lines += [f"    missing: {m}" for m in missing]
             lines += ["    " + h for h in spec.how_to_get.strip().splitlines()]
