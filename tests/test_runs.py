@@ -142,9 +142,14 @@ def test_runs_share_the_feature_cache_and_differ_by_seed(tmp_path, clip):
     assert other_seed["test_acc"] == first["test_acc"]
 
 
-def test_safe_runs_on_dense_maps(tmp_path, clip):
-    record = run(_config(tmp_path, method="safe", method_config={"epochs": 2}), clip=clip)
+@pytest.mark.parametrize("method, options", [
+    ("safe", {"epochs": 2}),
+    ("safe_a_tip", {"safe": {"epochs": 2}, "blends": [0.5], "adapter": {"epochs": 2}}),
+])
+def test_safe_runs_on_dense_maps(tmp_path, clip, method, options):
+    record = run(_config(tmp_path, method=method, method_config=options), clip=clip)
     assert "blend" in record["chosen"]
+    assert RunConfig.from_dict(record["config"]).identity == record["identity"]  # the record re-creates its run
     fields = [json.loads((p / "manifest.json").read_text())["fields"]["kind"] for p in (tmp_path / "cache").iterdir()]
     assert sorted(fields) == ["dense"] * 3
 

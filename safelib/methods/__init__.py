@@ -21,10 +21,12 @@ from .clip_adapter import ClipAdapter, ClipAdapterConfig, adapter_mix
 from .linear_probe import LinearProbe, LinearProbeConfig
 from .tip_adapter import TipAdapter, TipAdapterConfig, TipAdapterF, TipAdapterFConfig, cache_logits, tip_logits
 from .safe import Safe, SafeConfig
+from .safe_a import SafeA, SafeAClipAdapter, SafeAClipAdapterConfig, SafeATipConfig
 from .zero_shot import ZeroShot, ZeroShotConfig
 
 METHODS: dict[str, type[FewShotMethod]] = {
-    cls.name: cls for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe)
+    cls.name: cls
+    for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe, SafeA, SafeAClipAdapter)
 }
 
 
@@ -43,15 +45,17 @@ def method_config(name: str, config: MethodConfig | Mapping[str, Any] | None = N
         if not isinstance(config, cls.config_class):
             raise TypeError(f"method {name!r} takes a {cls.config_class.__name__}, got {type(config).__name__}")
         return config
-    overrides = dict(config or {})
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    return _config_from_dict(cls.config_class, dict(config or {}), f"method {name!r}")
+
+
+def _config_from_dict(config_class: type, overrides: dict[str, Any], what: str) -> Any:
+    """``config_class(**overrides)`` with unknown keys named and JSON lists turned into tuples."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for method {name!r}; valid options: {sorted(fields) or 'none'}"
-        )
+        raise ValueError(f"unknown option(s) {unknown} for {what}; valid options: {sorted(fields) or 'none'}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return cls.config_class(**overrides)
+    return config_class(**overrides)
 
 
 def make_method(name: str, config: MethodConfig | Mapping[str, Any] | None = None) -> FewShotMethod:
@@ -79,6 +83,10 @@ __all__ = [
     "select_best",
     "Safe",
     "SafeConfig",
+    "SafeA",
+    "SafeATipConfig",
+    "SafeAClipAdapter",
+    "SafeAClipAdapterConfig",
     "ZeroShot",
     "ZeroShotConfig",
     "LinearProbe",
