@@ -28,6 +28,11 @@ from .data import (
 )
 from .data import register as register_dataset
 
+# --- mini-world and mini-CLIP (issue 5: generated scenes, target-among-distractors tasks, our small CLIP) ---
+from . import miniclip
+from .data import miniworld
+from .data.miniworld_tasks import TargetTask, target_attention_mass, target_grid_masks
+
 # --- features and SAFE (issue 3: cache, SAFE training, blending, SafeClassifier) ---
 from .cache import CacheEntry, CacheError, open_entry
 from .classifier import SafeClassifier

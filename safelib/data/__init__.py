@@ -26,6 +26,11 @@ from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, train_transform
 
 register_benchmarks()
 register_offline()
+
+# --- mini-world tasks (issue 5): generated, always present ---
+from .miniworld_tasks import TargetTask, register_miniworld  # noqa: E402
+
+register_miniworld()
 register_miniworld()
 
 __all__ = [

@@ -27,6 +27,7 @@ TARGETS: tuple[str, ...] = ("largest", "outlined")
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": mw.SHAPES, "colour": tuple(mw.COLOURS)}
 TEMPLATES: dict[str, tuple[str, ...]] = {"shape": mw.SHAPE_TEMPLATES, "colour": mw.COLOUR_TEMPLATES}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+TASK_NAMES: tuple[str, ...] = tuple(f"miniworld_{a}_{t}" for a in ATTRIBUTES for t in TARGETS)
 
 
 @dataclass(frozen=True)
