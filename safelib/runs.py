@@ -10,7 +10,7 @@ no partial record; a rerun finds the record and skips the work (resume).
 
 ``safelib.aggregate`` reads the records back into tables. From a shell::
 
-    python -m safelib.runs --dataset miniworld_target --methods all --shots 1 2 4 8 16 --seeds 1 2 3
+    python -m safelib.runs --dataset miniworld_shape_largest --methods all --shots 1 2 4 8 16 --seeds 1 2 3
 """
 from __future__ import annotations
 
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m safelib.runs",
         description="Run few-shot methods over shots and seeds, write one record per run, print the table.",
     )
-    parser.add_argument("--dataset", default="miniworld_target")
+    parser.add_argument("--dataset", default="miniworld_shape_largest")
     parser.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or names from: {', '.join(METHODS)}")
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
