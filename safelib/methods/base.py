@@ -185,14 +185,20 @@ class FewShotData:
 
 
 def pool_split(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor:
-    """The split's original pooled features ``V x N x D``, pooling its dense maps if only those exist."""
+    """The split's original pooled features ``V x N x D``, pooling its dense maps if only those exist.
+
+    They come back on the text classifier's device: methods compute where ``W`` lives, so a run
+    on a GPU trains its adapters there even though the cache is read from disk.
+    """
+    device = head.classifier.device
     if split.pooled is not None:
-        return as_tensor(split.pooled)
+        return as_tensor(split.pooled).to(device)
     if head.attnpool is None:
         raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
     from safelib.features import pooled_features  # the exact fast pooling, batched
 
-    return torch.stack([pooled_features(head.attnpool, _view_tensor(view), batch) for view in split.dense])
+    views = [pooled_features(head.attnpool, _view_tensor(view), batch) for view in split.dense]
+    return torch.stack(views).to(device)
 
 
 def eval_view(features: Views) -> Tensor:
