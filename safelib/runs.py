@@ -231,7 +231,7 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
 
 
 def feature_kind(method: str) -> str:
-    """"dense" for methods that pool dense maps themselves (SAFE and what builds on it), else "pooled"."""
+    """What a method needs cached: dense maps if it pools them itself (SAFE, SAFE-A), else pooled features."""
     from .methods import METHODS
 
     return getattr(METHODS[method], "feature_kind", "pooled")

@@ -8,9 +8,8 @@ features averaged over its augmented views and normalised (Tip-Adapter averages 
 trains the keys (initialised from ``K``) with cross-entropy, holding alpha and beta at their
 initial values, then searches them again.
 
-``100`` is CLIP's logit scale. We write ``logit_scale * f @ W + alpha * (logit_scale / 100) * cache``:
-identical for CLIP's weights, and for a model with another scale (the mini-CLIP) the same alpha
-means the same weight of the cache relative to the text classifier.
+``100`` is CLIP's logit scale; we write ``logit_scale * f @ W + alpha * cache`` so that a model
+with another scale (the mini-CLIP) uses its own, and alpha keeps Tip-Adapter's meaning for CLIP.
 
 Provenance of the cited numbers (read before quoting them): Tip-Adapter's published results
 searched alpha and beta on the *full* validation split of each dataset, and on the *test*
@@ -63,7 +62,7 @@ def tip_logits(
 ) -> Tensor:
     """Tip-Adapter's logits for unit-norm ``features`` (see the module docstring for the scale)."""
     text = logit_scale * features @ classifier  # N x K
-    return text + alpha * (logit_scale / 100.0) * cache_logits(features, keys, values, beta)
+    return text + alpha * cache_logits(features, keys, values, beta)
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ def search_alpha_beta(
     """Best ``(alpha, beta)`` on validation and its scores; the affinity is computed once."""
     text = logit_scale * features @ classifier  # N x K
     affinity = features @ keys.t()  # N x M
-    weights = torch.tensor(alphas, dtype=text.dtype, device=text.device).view(-1, 1, 1) * (logit_scale / 100.0)
+    weights = torch.tensor(alphas, dtype=text.dtype, device=text.device).view(-1, 1, 1)
     candidates, scores = [], []
     for beta in betas:
         cache = torch.exp(-beta * (1.0 - affinity)) @ values  # N x K
