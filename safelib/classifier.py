@@ -89,7 +89,7 @@ class SafeClassifier(nn.Module):
 
     def metadata(self) -> dict[str, str]:
         return {
-            "format": FILE_FORMAT, "backbone": self.clip.name, "weights": str(self.clip.pretrained),
+            "format": FILE_FORMAT, "backbone": self.clip.name, "weights": "" if self.clip.pretrained is None else str(self.clip.pretrained),
             "attnpool_fingerprint": attnpool_fingerprint(self.clip.attnpool),
             "classnames": json.dumps(self.classnames), "templates": json.dumps(self.templates),
             "blend": repr(self.blend),
@@ -126,7 +126,7 @@ class SafeClassifier(nn.Module):
                              f"expected {FILE_FORMAT!r})")
         if clip is None:
             from .models import load_clip
-            clip = load_clip(meta["backbone"], meta["weights"])
+            clip = load_clip(meta["backbone"], meta["weights"] or None)
         if clip.name != meta["backbone"]:
             raise ValueError(f"{path} was fitted on backbone {meta['backbone']!r}; it cannot run on {clip.name!r}. "
                              f"Load it with sl.load_clip({meta['backbone']!r}, {meta['weights']!r}).")

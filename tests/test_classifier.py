@@ -106,3 +106,17 @@ def test_from_a_fitted_safe_method(clip, tmp_path):
     assert packaged.blend == method.blend.blend and packaged.classnames == CLASSES
     torch.testing.assert_close(packaged.features_from_dense(dense[0]) @ text * clip.logit_scale,
                                method.predict(SplitFeatures(labels, dense=dense)), rtol=1e-4, atol=1e-4)
+
+
+def test_load_without_a_model_loads_the_saved_backbone(clip, classifier, tmp_path, monkeypatch):
+    import safelib.models
+
+    asked = []
+
+    def fake_load_clip(name, pretrained):
+        asked.append((name, pretrained))
+        return clip
+
+    monkeypatch.setattr(safelib.models, "load_clip", fake_load_clip)
+    loaded = SafeClassifier.load(classifier.save(tmp_path / "c.safetensors"))
+    assert asked == [("tiny", None)] and loaded.clip is clip

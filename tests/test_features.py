@@ -257,3 +257,55 @@ def test_image_sets_cache_their_augmented_views_and_resume_identically(clip, tmp
         np.testing.assert_array_equal(resumed[view], fresh[view])
     eval_entry = cache_image_features(clip, _image_set(_Pictures()), tmp_path / "a", split="test", progress=False)
     assert eval_entry.num_views == 1 and eval_entry.path != fresh.path
+
+
+def test_every_damaged_part_of_an_entry_is_named(clip, tmp_path):
+    fields, entry = _build(clip, tmp_path)
+    path = entry.path
+    del entry
+    manifest = json.loads((path / cache_mod.MANIFEST).read_text())
+    marker = json.loads((path / cache_mod.MARKER).read_text())
+
+    def damaged(file, content):
+        (path / file).write_text(content if isinstance(content, str) else json.dumps(content))
+        try:
+            with pytest.raises(CacheError) as caught:
+                open_entry(path, fields)
+            return caught.value.reason, str(caught.value)
+        finally:
+            (path / cache_mod.MANIFEST).write_text(json.dumps(manifest))
+            (path / cache_mod.MARKER).write_text(json.dumps(marker))
+
+    assert damaged(cache_mod.MANIFEST, "{not json")[0] == "incomplete"
+    reason, message = damaged(cache_mod.MANIFEST, {**manifest, "format_version": 0})
+    assert reason == "mismatch" and "format version 0" in message
+    reason, message = damaged(cache_mod.MANIFEST, {**manifest, "rows": 4})
+    assert reason == "corrupt" and "manifest says" in message
+    assert damaged(cache_mod.MARKER, "{")[0] == "corrupt"
+    reason, message = damaged(cache_mod.MARKER, {"checksums": [s[:-1] for s in marker["checksums"]]})
+    assert reason == "corrupt" and "checksums for" in message
+    np.save(path / "view_001.npy", np.zeros(3))  # not even the right kind of array
+    with pytest.raises(CacheError, match="manifest says"):
+        open_entry(path, fields, verify="none")
+
+
+def test_tensor_rows_and_all_views_in_ram(clip, tmp_path):
+    _, entry = _build(clip, tmp_path)
+    rows = entry.rows(0, torch.tensor([3, 1]))
+    np.testing.assert_array_equal(rows.numpy(), entry[0][[3, 1]])
+    assert len(entry) == 2 and entry.to_tensor().shape == (2, 5, *entry.item_shape)
+
+
+def test_autocast_extraction_stays_close(clip):
+    images = _images(2, views=1)[0]
+    exact = dense_features(clip, images)
+    fast = dense_features(clip, images, autocast_dtype="bfloat16")
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=0.1, atol=0.1)
+
+
+def test_too_many_batches_or_bad_views_are_refused(clip, tmp_path):
+    with pytest.raises(ValueError, match="more than the 3 images"):
+        cache_features(clip, _fields(clip, 3), tensor_batches(_images(4), 2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="K x N x 3 x S x S"):
+        tensor_batches(torch.zeros(2, 3, 64, 64))

@@ -238,3 +238,6 @@ def test_safe_method_errors(clip, task):
                               SplitFeatures(labels=labels, dense=dense[:1]), ClipHead(text, 100.0, clip.attnpool))
     with pytest.raises(ValueError, match="kind='dense'"):
         Safe(FAST).fit(pooled_only)
+    fitted = Safe(dataclasses.replace(FAST, epochs=1)).fit(_data(clip, task, attnpool=clip.attnpool))
+    with pytest.raises(ValueError, match="kind='dense'"):
+        fitted.predict(SplitFeatures(labels=labels, pooled=torch.zeros(1, len(labels), clip.embed_dim)))
