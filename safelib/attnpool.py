@@ -54,46 +54,56 @@ def positional_embedding(attnpool: nn.Module, height: int, width: int, interpola
     return torch.cat([pos[:1], spatial])
 
 
-def _tokens(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool) -> torch.Tensor:
+def _split_tokens(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool):
+    """The tokens t_i = x_i + p_i, kept apart as (x, mean, p) and never materialised.
+
+    Keeping the dense map in its own N x C x HW layout saves a 1 + H*W token copy, and keeping
+    p apart turns its products into single large matrix products; when the dense maps need no
+    gradient (SAFE trains on cached maps) backward then skips the per-sample map gradients.
+    """
     if dense.ndim != 4:
         raise ValueError(f"dense maps must be N x C x H x W, got shape {tuple(dense.shape)}")
-    n, channels, height, width = dense.shape
+    _, channels, height, width = dense.shape
     expected = attnpool.positional_embedding.shape[1]
     if channels != expected:
         raise ValueError(f"dense maps have {channels} channels but this attnpool expects {expected}")
-    x = dense.flatten(2).transpose(1, 2)                      # NCHW -> N(HW)C
-    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)    # N(1+HW)C, token 0 = mean
-    pos = positional_embedding(attnpool, height, width, interpolate_pos)
-    return x + pos.to(x.dtype)
+    x = dense.flatten(2)                                      # N x C x HW (a view)
+    mean = x.mean(dim=-1)                                     # N x C, token 0 before its p_0
+    pos = positional_embedding(attnpool, height, width, interpolate_pos).to(dense.dtype)  # (1+HW) x C
+    return x, mean, pos
 
 
-def _attention(attnpool: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _attention(attnpool: nn.Module, x: torch.Tensor, mean: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Head-wise attention of token 0 over all tokens: N x heads x (1 + H*W)."""
-    n, _, channels = tokens.shape
+    n, channels, _ = x.shape
     heads = attnpool.num_heads
     head_dim = channels // heads
-    q0 = F.linear(tokens[:, 0], attnpool.q_proj.weight, attnpool.q_proj.bias)      # N x C
+    q0 = F.linear(mean + pos[0], attnpool.q_proj.weight, attnpool.q_proj.bias)    # N x C
+    q0 = q0 * head_dim ** -0.5                # scale the one query, not N x heads x C products
     wk = attnpool.k_proj.weight.view(heads, head_dim, channels)                    # heads x d x C
     u = torch.einsum("nhd,hdc->nhc", q0.view(n, heads, head_dim), wk)              # N x heads x C
-    u = u * head_dim ** -0.5
-    scores = torch.bmm(u, tokens.transpose(1, 2))                                   # N x heads x (1+HW)
+    scores = torch.cat([torch.bmm(u, mean.unsqueeze(-1)), torch.bmm(u, x)], dim=-1)  # u . x_i
+    scores = scores + u @ pos.T                                                     # + u . p_i
     # softmax in float32 at least: fp16 exponentials of peaky scores lose the small weights
     return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
 
 
 def attention_weights(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
     """Where the pooling looks: N x heads x (1 + H*W), rows sum to 1, index 0 is the mean token."""
-    return _attention(attnpool, _tokens(attnpool, dense, interpolate_pos))
+    return _attention(attnpool, *_split_tokens(attnpool, dense, interpolate_pos))
 
 
 def attention_pool(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
     """Pooled features N x D, equal to `attnpool(dense)` and differentiable in every attnpool tensor."""
-    tokens = _tokens(attnpool, dense, interpolate_pos)                              # N x L x C
-    n, _, channels = tokens.shape
+    x, mean, pos = _split_tokens(attnpool, dense, interpolate_pos)                  # N x C x HW, N x C, L x C
+    n, channels, _ = x.shape
     heads = attnpool.num_heads
     head_dim = channels // heads
-    attention = _attention(attnpool, tokens)                                        # N x heads x L
-    z = torch.bmm(attention, tokens)                                                # N x heads x C
+    attention = _attention(attnpool, x, mean, pos)                                  # N x heads x L
+    z = torch.baddbmm(                                                               # z = sum_i a_i t_i, in parts:
+        attention @ pos + attention[..., :1] * mean.unsqueeze(1),                    # a . p + a_0 mean
+        attention[..., 1:], x.transpose(1, 2),                                       # + a_i x_i
+    )                                                                                # N x heads x C
     wv = attnpool.v_proj.weight.view(heads, head_dim, channels)                     # heads x d x C
     values = torch.einsum("nhc,hdc->nhd", z, wv) + attnpool.v_proj.bias.view(heads, head_dim)
     return F.linear(values.reshape(n, channels), attnpool.c_proj.weight, attnpool.c_proj.bias)

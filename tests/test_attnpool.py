@@ -169,10 +169,10 @@ def test_bad_shapes_are_refused() -> None:
 
 MUTATIONS = {
     "drop the mean token": (
-        "torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)",
-        "torch.cat([torch.zeros_like(x[:, :1]), x], dim=1)",
+        "mean = x.mean(dim=-1)",
+        "mean = torch.zeros_like(x[..., 0])",
     ),
-    "wrong softmax scale": ("u * head_dim ** -0.5", "u * channels ** -0.5"),
+    "wrong softmax scale": ("q0 * head_dim ** -0.5", "q0 * channels ** -0.5"),
     "drop the value bias": (" + attnpool.v_proj.bias.view(heads, head_dim)", ""),
     "wrong head split": (
         "attnpool.k_proj.weight.view(heads, head_dim, channels)",
