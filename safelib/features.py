@@ -141,12 +141,13 @@ def tensor_batches(views: torch.Tensor, batch_size: int = 64) -> Callable[[int],
 def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, kind: Literal["dense", "pooled"] = "dense",
                          views: int | str = 0, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
                          autocast_dtype: str | None = None, verify: Literal["full", "size", "none"] = "full",
-                         progress: bool = True) -> CacheEntry:
+                         progress: bool = True, dataset: str | None = None, **extra: Any) -> CacheEntry:
     """Cached features of an ``ImageSet``: ``views=0`` one eval view, ``views=K`` K augmented views.
 
     Each image is decoded once and its K views cut from that decode (``safelib.data``'s
     ``ImageViews``); view ``v`` of image ``i`` is seeded by ``(seed, v, i)``, so a resumed build
-    cuts the same views. ``split`` names the set's role ("train", "val", "test") in the key.
+    cuts the same views. ``split`` names the set's role ("train", "val", "test") in the key;
+    ``dataset`` defaults to the set's name; ``extra`` key fields are anything else that changes it.
 
     Example::
 
@@ -158,9 +159,9 @@ def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, k
     from .data import ImageViews, ViewSpec, collate_views
 
     spec = ViewSpec.for_clip(clip, views=views, seed=seed)
-    fields = feature_cache_fields(clip, kind=kind, dataset=images.name, split=split, ids=list(images.ids),
-                                  transform=repr(spec.transform()), views=spec.num_views, view_seed=spec.seed,
-                                  autocast_dtype=autocast_dtype)
+    fields = feature_cache_fields(clip, kind=kind, dataset=dataset or images.name, split=split,
+                                  ids=list(images.ids), transform=repr(spec.transform()), views=spec.num_views,
+                                  view_seed=spec.seed, autocast_dtype=autocast_dtype, **extra)
     dataset = ImageViews(images, spec)
 
     def batches(start: int) -> Iterator[torch.Tensor]:
