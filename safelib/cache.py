@@ -20,6 +20,7 @@ last checksummed chunk of an interrupted write, or starts over when nothing ther
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,10 +28,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no cross-process lock
+    fcntl = None
 
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
@@ -195,6 +201,24 @@ def open_entry(path: str | os.PathLike, fields: Mapping[str, Any] | None = None,
     if verify == "full":
         _verify_chunks(path, views, names, manifest["chunk_rows"], marker["checksums"], manifest["rows"])
     return CacheEntry(path, manifest, tuple(views))
+
+
+@contextlib.contextmanager
+def entry_lock(root: str | os.PathLike, fields: Mapping[str, Any]) -> Iterator[None]:
+    """Hold ``<root>/<key>.lock`` so that two processes never build one entry at once.
+
+    An OS file lock (``flock``): the kernel drops it when its holder dies, so a killed build
+    never leaves a stale lock. Where ``fcntl`` is missing (Windows) this does nothing.
+    """
+    Path(root).mkdir(parents=True, exist_ok=True)
+    with open(Path(root) / f"{cache_key(fields)}.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def find_entry(root: str | os.PathLike, fields: Mapping[str, Any],

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attnpool import attention_pool
-from .cache import CacheEntry, CacheWriter, find_entry, ids_digest
+from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
 AUTOCAST_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,6 +93,13 @@ def cache_features(clip, fields: dict, batches: Callable[[int], Iterable[torch.T
     entry = find_entry(root, fields, verify)
     if entry is not None:
         return entry
+    with entry_lock(root, fields):
+        # another process may have built it while we waited for the lock
+        return find_entry(root, fields, verify) or _build(clip, fields, batches, root, progress)
+
+
+def _build(clip, fields: dict, batches: Callable[[int], Iterable[torch.Tensor]], root: str | os.PathLike,
+           progress: bool) -> CacheEntry:
     kind, rows, views = fields["kind"], fields["num_images"], fields["views"]
     if kind == "dense":
         item = (clip.dense_channels, clip.grid, clip.grid)

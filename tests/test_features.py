@@ -309,3 +309,20 @@ def test_too_many_batches_or_bad_views_are_refused(clip, tmp_path):
         cache_features(clip, _fields(clip, 3), tensor_batches(_images(4), 2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="K x N x 3 x S x S"):
         tensor_batches(torch.zeros(2, 3, 64, 64))
+
+
+def test_a_build_waits_for_another_builder_of_the_same_entry(clip, tmp_path):
+    import threading
+
+    from safelib.cache import entry_lock
+
+    fields = _fields(clip, 3)
+    result = {}
+    with entry_lock(tmp_path, fields):  # another process building this entry
+        worker = threading.Thread(target=lambda: result.setdefault(
+            "entry", cache_features(clip, fields, tensor_batches(_images(3), 2), tmp_path, progress=False)))
+        worker.start()
+        worker.join(timeout=0.5)
+        assert worker.is_alive() and find_entry(tmp_path, fields) is None
+    worker.join(timeout=30)
+    assert result["entry"].num_rows == 3
