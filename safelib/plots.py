@@ -1,0 +1,219 @@
+"""Figures of the SAFE book: where the pooling looks, how training went, how the methods compare.
+
+Every function takes numbers a notebook has just computed (attention weights, a run record's
+fields, a table of records) and returns a matplotlib ``Figure``; none of them computes a result
+itself, so a figure can never show something the notebook's code did not produce. Seaborn sets
+the look. Used by ``notebooks/01_attention_pooling``, ``02_safe`` and ``03_methods``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+
+__all__ = [
+    "attention_grid",
+    "show_attention",
+    "attention_before_after",
+    "plot_training_curve",
+    "plot_blend_sweep",
+    "plot_accuracy_vs_shots",
+    "plot_target_mass",
+]
+
+_HEAT = "magma"
+
+
+def _style() -> None:
+    sns.set_theme(context="notebook", style="whitegrid", font_scale=0.95)
+
+
+def attention_grid(attention: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Head-averaged spatial attention N x g x g from ``attention_weights``' N x heads x (1 + g*g).
+
+    The mean token (index 0) is dropped and each map renormalised to sum to 1, so a map says how
+    the pooling shares its attention among grid cells (the quantity ``target_attention_mass`` sums).
+    """
+    attention = torch.as_tensor(attention).float()
+    if attention.ndim != 3:
+        raise ValueError(f"attention must be N x heads x (1 + H*W), got shape {tuple(attention.shape)}")
+    cells = attention.shape[-1] - 1
+    side = int(round(cells ** 0.5))
+    if side * side != cells:
+        raise ValueError(f"attention has {cells} spatial tokens, not a square grid (1 + g*g tokens expected)")
+    spatial = attention[:, :, 1:].mean(1)                                   # N x g*g
+    spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
+    return spatial.view(-1, side, side).numpy()
+
+
+def _image_array(image) -> np.ndarray:
+    """H x W x 3 floats in [0, 1] from a PIL image or an array (uint8 or float)."""
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        array = array / 255.0
+    return np.clip(array, 0, 1)
+
+
+def _draw(ax, image, heat: np.ndarray, coverage: np.ndarray | None, vmax: float, title: str | None) -> None:
+    array = _image_array(image)
+    height, width = array.shape[:2]
+    ax.imshow(array, extent=(0, width, height, 0))
+    # The grid cells are large (4 x 4 for the mini-CLIP, 7 x 7 for RN50): show them as blocks.
+    ax.imshow(heat, cmap=_HEAT, alpha=0.55, vmin=0, vmax=vmax, extent=(0, width, height, 0),
+              interpolation="nearest")
+    if coverage is not None:
+        side = coverage.shape[-1]
+        ys, xs = np.mgrid[0:side, 0:side]
+        centres_x = (xs + 0.5) * width / side
+        centres_y = (ys + 0.5) * height / side
+        ax.contour(centres_x, centres_y, coverage, levels=[0.25], colors="cyan", linewidths=1.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def show_attention(images: Sequence, attention: torch.Tensor | np.ndarray, titles: Sequence[str] | None = None,
+                   coverage: np.ndarray | None = None, columns: int | None = None, size: float = 2.2) -> Figure:
+    """Each image with the pooling's head-averaged attention drawn over it, one grid cell per block.
+
+    images: N images (PIL or H x W x 3 arrays); attention: N x heads x (1 + g*g) from
+    ``sl.attention_weights``; coverage: optional N x g x g target coverage
+    (``sl.target_grid_masks``), outlined in cyan where a cell is at least a quarter target.
+    """
+    _style()
+    heat = attention_grid(attention)
+    n = len(heat)
+    if len(images) != n:
+        raise ValueError(f"{len(images)} images for {n} attention maps")
+    columns = columns or min(n, 6)
+    rows = -(-n // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows + 0.3), squeeze=False)
+    vmax = float(heat.max())
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        _draw(ax, images[i], heat[i], None if coverage is None else coverage[i], vmax,
+              None if titles is None else titles[i])
+    fig.tight_layout()
+    return fig
+
+
+def attention_before_after(images: Sequence, before: torch.Tensor | np.ndarray, after: torch.Tensor | np.ndarray,
+                           coverage: np.ndarray | None = None, titles: Sequence[str] | None = None,
+                           labels: tuple[str, str] = ("original pooling", "fine-tuned pooling"),
+                           size: float = 2.2) -> Figure:
+    """Two rows over the same images: attention of the original pooling, then of the fine-tuned one.
+
+    Both rows share one colour scale, so a brighter target cell after training means more attention.
+    """
+    _style()
+    heat_before, heat_after = attention_grid(before), attention_grid(after)
+    n = len(images)
+    if not len(heat_before) == len(heat_after) == n:
+        raise ValueError(f"{n} images, {len(heat_before)} maps before and {len(heat_after)} after")
+    fig, axes = plt.subplots(2, n, figsize=(size * n, 2 * size + 0.5), squeeze=False)
+    vmax = float(max(heat_before.max(), heat_after.max()))
+    for row, (heat, label) in enumerate(zip((heat_before, heat_after), labels)):
+        for i in range(n):
+            title = None if titles is None or row else titles[i]
+            _draw(axes[row, i], images[i], heat[i], None if coverage is None else coverage[i], vmax, title)
+        axes[row, 0].set_ylabel(label, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curve(losses: Sequence[float], accuracies: Sequence[float] | None = None,
+                        title: str = "SAFE training") -> Figure:
+    """Mean training loss per epoch (and training accuracy on a second axis, if given)."""
+    _style()
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    epochs = np.arange(1, len(losses) + 1)
+    ax.plot(epochs, losses, marker="o", markersize=3, color="C0", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cross-entropy", color="C0")
+    if accuracies is not None:
+        twin = ax.twinx()
+        twin.plot(epochs, 100 * np.asarray(accuracies), marker="s", markersize=3, color="C1", label="train accuracy")
+        twin.set_ylabel("train accuracy (%)", color="C1")
+        twin.grid(False)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_blend_sweep(sweep: Sequence[Mapping] | Sequence, chosen: float | None = None,
+                     title: str = "Choosing the blend on few-shot validation") -> Figure:
+    """Validation accuracy and cross-entropy against ``blend`` (0: zero-shot CLIP, 1: fine-tuned alone).
+
+    sweep: ``BlendChoice.sweep`` points or their record form (dicts with blend, accuracy, cross_entropy).
+    """
+    _style()
+    points = pd.DataFrame([p if isinstance(p, Mapping) else vars(p) for p in sweep])
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    ax.plot(points["blend"], 100 * points["accuracy"], marker="o", color="C0")
+    ax.set_xlabel("blend  (0 = original pooling, 1 = fine-tuned pooling)")
+    ax.set_ylabel("validation accuracy (%)", color="C0")
+    twin = ax.twinx()
+    twin.plot(points["blend"], points["cross_entropy"], marker="s", markersize=3, color="C1", alpha=0.8)
+    twin.set_ylabel("validation cross-entropy", color="C1")
+    twin.grid(False)
+    if chosen is not None:
+        ax.axvline(chosen, color="k", linestyle="--", linewidth=1)
+        ax.annotate(f"chosen {chosen:g}", (chosen, ax.get_ylim()[0]), xytext=(4, 6), textcoords="offset points",
+                    fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_shots(records: pd.DataFrame, metric: str = "test_acc", title: str | None = None) -> Figure:
+    """Accuracy against shots per method, mean over seeds with a +- 1 std band, from ``sl.load_records``."""
+    _style()
+    missing = [c for c in ("method", "shots", "seed", metric) if c not in records]
+    if missing:
+        raise ValueError(f"records lack columns {missing}; build them with sl.load_records()")
+    if records.empty:
+        raise ValueError("no records to plot")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    sns.lineplot(data=records, x="shots", y=metric, hue="method", style="method", markers=True, dashes=False,
+                 errorbar="sd", ax=ax)
+    shots = sorted(records["shots"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(s) for s in shots])
+    ax.minorticks_off()
+    ax.set_xlabel("shots per class")
+    ax.set_ylabel("test accuracy (%)" if metric == "test_acc" else metric)
+    if title is None:
+        seeds = sorted(records["seed"].unique())
+        title = f"{', '.join(sorted(records['dataset'].unique()))} (seeds {', '.join(map(str, seeds))})" \
+            if "dataset" in records else None
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_target_mass(before: Sequence[float] | np.ndarray, after: Sequence[float] | np.ndarray,
+                     labels: tuple[str, str] = ("original pooling", "fine-tuned pooling")) -> Figure:
+    """Per-image attention mass on the target, before against after (points above the diagonal gained)."""
+    _style()
+    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    fig, ax = plt.subplots(figsize=(3.8, 3.6))
+    ax.scatter(before, after, s=12, alpha=0.6)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel(f"target mass, {labels[0]}")
+    ax.set_ylabel(f"target mass, {labels[1]}")
+    fig.tight_layout()
+    return fig
