@@ -15,6 +15,9 @@ from PIL import Image
 
 import safelib as sl
 import safelib.runs as runs
+import safelib.runs.records as records
+import safelib.runs.runner as runner
+from safelib.runs.__main__ import main as cli_main
 from safelib import data
 from safelib.aggregate import BENCHMARK_MEAN, aggregate, benchmark_mean, load_records, summary_table
 from safelib.runs import RunConfig, RunConfigError, read_record, run, write_record
@@ -134,7 +137,7 @@ def test_runs_share_the_feature_cache_and_differ_by_seed(tmp_path, clip):
     first = run(_config(tmp_path, method="zero_shot"), clip=clip)
     second = run(_config(tmp_path, method="linear_probe"), clip=clip)
     assert second["timings"]["features"] < first["timings"]["features"] + 5.0
-    caches = list((tmp_path / "cache").iterdir())
+    caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(caches) == 3  # train, val, test: read again, not rebuilt, by the second method
     other_seed = run(_config(tmp_path, method="zero_shot", seed=2), clip=clip)
     assert other_seed["sampled_ids"] != first["sampled_ids"]
@@ -150,7 +153,7 @@ def test_safe_runs_on_dense_maps(tmp_path, clip, method, options):
     record = run(_config(tmp_path, method=method, method_config=options), clip=clip)
     assert "blend" in record["chosen"]
     assert RunConfig.from_dict(record["config"]).identity == record["identity"]  # the record re-creates its run
-    fields = [json.loads((p / "manifest.json").read_text())["fields"]["kind"] for p in (tmp_path / "cache").iterdir()]
+    fields = [json.loads((p / "manifest.json").read_text())["fields"]["kind"] for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert sorted(fields) == ["dense"] * 3
 
 
@@ -168,7 +171,7 @@ def test_a_killed_write_leaves_no_partial_record(tmp_path, monkeypatch):
     def killed(_fd):
         raise KeyboardInterrupt  # the process dies between writing and renaming
 
-    monkeypatch.setattr(runs.os, "fsync", killed)
+    monkeypatch.setattr(records.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         write_record(path, record)
     assert not path.exists()
@@ -255,18 +258,18 @@ def test_aggregate_keeps_settings_apart(tmp_path):
 # --- the command line ---------------------------------------------------------------------------------
 
 def test_cli_runs_the_grid_and_prints_the_table(tmp_path, clip, monkeypatch, capsys):
-    monkeypatch.setattr(runs, "_load_clip", lambda *a: clip)
+    monkeypatch.setattr(runner, "_load_clip", lambda *a: clip)
     argv = ["--dataset", TOY, "--methods", "zero_shot", "tip_adapter", "--shots", "1", "2", "--seeds", "1", "2",
             "--backbone", "RN50", "--weights", "none", "--train-views", "2",
             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs")]
-    assert runs.main(argv) == 0
+    assert cli_main(argv) == 0
     out = capsys.readouterr().out
     assert "tip_adapter" in out and "wall time" in out
     assert len(load_records(tmp_path / "runs")) == 2 * 2 * 2
     # Rerun: everything is skipped, nothing is written twice.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.run.json")}
-    assert runs.main(argv) == 0
+    assert cli_main(argv) == 0
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("*.run.json")}
     with pytest.raises(SystemExit):
-        runs.main([*argv, "--method-config", '{"zero_shot": {"x": 1}}'])
+        cli_main([*argv, "--method-config", '{"zero_shot": {"x": 1}}'])
     assert "RunConfig.method_config" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Run records on disk and their provenance: one JSON file per run, written atomically.
+
+A record is written to a temporary name in its folder, flushed to disk, then renamed, so job-array
+shards on a shared filesystem never interleave and a killed run leaves no partial record (a hard
+kill may leave a ``.tmp`` file, which nothing ever reads as a record).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+RECORD_FORMAT = "safelib.run/1"
+RECORD_SUFFIX = ".run.json"
+LIBRARIES = ("torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "safetensors", "pandas")
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """Package version (stamped at build), git commit when run from a checkout, library versions."""
+    from .. import __version__
+
+    libraries = {}
+    for name in LIBRARIES:
+        try:
+            libraries[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            libraries[name] = None
+    commit, dirty = _git_state(Path(__file__).resolve().parents[2])
+    return {
+        "safelib_version": __version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": libraries,
+    }
+
+
+def _git_state(where: Path) -> tuple[str | None, bool | None]:
+    """(commit, uncommitted changes to tracked files) of the checkout holding safelib, or (None, None)."""
+    if not (where / ".git").exists():
+        return None, None
+    try:
+        commit = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit or None, bool(status.strip())
+
+
+def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write a record atomically: a temporary file in the same folder, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(jsonable(dict(record)), indent=1, sort_keys=True, allow_nan=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """A run record; a file that is not one says so."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a valid run record (broken JSON: {error})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path} is not a {RECORD_FORMAT} run record")
+    return record
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values: tuples become lists, numpy and torch scalars become numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    return value
