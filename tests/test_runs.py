@@ -141,6 +141,8 @@ def test_runs_share_the_feature_cache_and_differ_by_seed(tmp_path, clip):
     assert len(caches) == 3  # train, val, test: read again, not rebuilt, by the second method
     other_seed = run(_config(tmp_path, method="zero_shot", seed=2), clip=clip)
     assert other_seed["sampled_ids"] != first["sampled_ids"]
+    # A new sample needs new train and val caches; the test split's (one eval view) is shared.
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 5
     # Zero-shot does not depend on the sample: the same test accuracy whatever the seed.
     assert other_seed["test_acc"] == first["test_acc"]
 

@@ -148,7 +148,8 @@ def _split_features(clip: Any, config: RunConfig, images: Any, split: str, kind:
     from ..features import cache_features, feature_cache_fields
     from ..methods import SplitFeatures
 
-    spec = ViewSpec.for_clip(clip, views=views, seed=config.seed)
+    # The eval transform draws nothing at random: seed 0 lets every seed's runs share the test cache.
+    spec = ViewSpec.for_clip(clip, views=views, seed=config.seed if views else 0)
     fields = feature_cache_fields(
         clip, kind=kind, dataset=config.dataset, split=f"{split}:{images.name}", ids=list(images.ids),
         transform=repr(spec), views=spec.num_views, view_seed=spec.seed, autocast_dtype=config.autocast_dtype,
