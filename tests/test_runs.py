@@ -275,3 +275,22 @@ def test_cli_runs_the_grid_and_prints_the_table(tmp_path, clip, monkeypatch, cap
     with pytest.raises(SystemExit):
         cli_main([*argv, "--method-config", '{"zero_shot": {"x": 1}}'])
     assert "RunConfig.method_config" in capsys.readouterr().err
+
+
+# --- the shipped mini-CLIP: a known-good model on a task it never saw ---------------------------------
+
+@pytest.mark.slow
+def test_every_method_beats_chance_with_the_shipped_miniclip(tmp_path):
+    """All methods, 16 shots, one seed, on the target-among-distractors task (6-way: chance 16.7 %)."""
+    from safelib.miniclip import CHECKPOINT
+
+    if not CHECKPOINT.is_file():
+        pytest.skip("the mini-CLIP checkpoint is not shipped in this checkout")
+    records = runs.run_grid(
+        "miniworld_shape_largest", list(sl.METHODS), [16], [1], progress=False, backbone="miniclip",
+        weights="shipped", train_views=4, dataset_options={"per_class": [16, 4, 20]},
+        cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"),
+    )
+    accuracies = {r["method"]: r["test_acc"] for r in records}
+    assert set(accuracies) == set(sl.METHODS)
+    assert all(acc > 100 / 6 + 10 for acc in accuracies.values()), accuracies

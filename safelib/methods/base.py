@@ -197,7 +197,7 @@ def pool_split(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor
         raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
     from safelib.features import pooled_features  # the exact fast pooling, batched
 
-    views = [pooled_features(head.attnpool, _view_tensor(view), batch) for view in split.dense]
+    views = [pooled_features(head.attnpool, view_tensor(view), batch) for view in split.dense]
     return torch.stack(views).to(device)
 
 
@@ -209,10 +209,11 @@ def eval_view(features: Views) -> Tensor:
             f"val and test splits carry exactly one eval view; got {count} views "
             "(the train split is the one with augmented views)"
         )
-    return _view_tensor(features[0])
+    return view_tensor(features[0])
 
 
-def _view_tensor(view: Tensor | np.ndarray) -> Tensor:
+def view_tensor(view: Tensor | np.ndarray) -> Tensor:
+    """One view ``N x ...`` as a tensor; a memmapped view is wrapped, not read into RAM."""
     if isinstance(view, Tensor):
         return view
     with warnings.catch_warnings():  # a read-only memmap: we never write to it

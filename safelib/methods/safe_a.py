@@ -33,7 +33,7 @@ from .base import (
     FewShotMethod,
     MethodConfig,
     SplitFeatures,
-    _view_tensor,
+    view_tensor,
     best_index,
     eval_view,
     validation_scores,
@@ -125,7 +125,7 @@ class SafeA(FewShotMethod):
         }
 
     def _pool_views(self, dense: Any) -> tuple[Tensor, Tensor]:
-        pairs = [self.safe.pool_both(_view_tensor(view)) for view in dense]
+        pairs = [self.safe.pool_both(view_tensor(view)) for view in dense]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _predict(self, test: SplitFeatures) -> Tensor:
