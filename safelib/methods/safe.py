@@ -190,7 +190,8 @@ def train_safe(attnpool: nn.Module, dense: Tensor | Sequence[np.ndarray], labels
     optimizer = adamw(trainable, lr=config.lr, weight_decay=decay_in_adamw)
     steps = config.epochs * -(-n // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = (torch.amp.GradScaler("cuda", enabled=use_amp) if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=use_amp))  # torch < 2.3
     generator = torch.Generator().manual_seed(seed)
     result = SafeTraining(pool)
     start_time = time.perf_counter()
