@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from urllib.parse import urlparse
 from pathlib import Path
 from typing import Callable
 
 import open_clip
 import torch
+from open_clip.factory import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from .attnpool import attention_pool
@@ -146,6 +148,8 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 def _wrap(name: str, pretrained: str | None, model: nn.Module, tokenizer: Callable) -> ClipModel:
+    if "mean" not in open_clip.get_model_preprocess_cfg(model):  # built by hand, not by create_model
+        set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
     cfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = open_clip.image_transform(
         model.visual.image_size, is_train=False, mean=cfg["mean"], std=cfg["std"],

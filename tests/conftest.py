@@ -15,6 +15,23 @@ def rn50() -> "sl.ClipModel":
     return sl.random_clip("RN50", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip() -> "sl.ClipModel":
+    """A random ResNet CLIP small enough that text-side tests take milliseconds, not minutes."""
+    import open_clip
+
+    from safelib.models import _wrap
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=64,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=64),
+        text_cfg=open_clip.CLIPTextCfg(context_length=77, width=64, heads=2, layers=2),
+        quick_gelu=True,
+    )
+    return _wrap("tiny", None, model, open_clip.get_tokenizer("RN50"))
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

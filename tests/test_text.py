@@ -6,23 +6,23 @@ import torch.nn.functional as F
 import safelib as sl
 
 
-def test_classifier_is_normalise_average_renormalise(rn50: sl.ClipModel) -> None:
+def test_classifier_is_normalise_average_renormalise(tiny_clip: sl.ClipModel) -> None:
     classnames = ["cat", "dog", "golden retriever"]
     templates = ["a photo of a {}.", "art of the {}.", "{} texture."]
-    weights = sl.zero_shot_classifier(rn50, classnames, templates)
-    assert weights.shape == (rn50.embed_dim, 3) and weights.dtype == torch.float32
+    weights = sl.zero_shot_classifier(tiny_clip, classnames, templates)
+    assert weights.shape == (tiny_clip.embed_dim, 3) and weights.dtype == torch.float32
     torch.testing.assert_close(weights.norm(dim=0), torch.ones(3))
     with torch.no_grad():
         for k, name in enumerate(classnames):
-            text = rn50.model.encode_text(rn50.tokenizer([t.format(name) for t in templates]))
+            text = tiny_clip.model.encode_text(tiny_clip.tokenizer([t.format(name) for t in templates]))
             expected = F.normalize(F.normalize(text, dim=-1).mean(0), dim=0)
             torch.testing.assert_close(weights[:, k], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_batching_does_not_change_the_classifier(rn50: sl.ClipModel) -> None:
+def test_batching_does_not_change_the_classifier(tiny_clip: sl.ClipModel) -> None:
     names = [f"class {i}" for i in range(5)]
-    full = sl.zero_shot_classifier(rn50, names, sl.IMAGENET_TEMPLATES)
-    tiny = sl.zero_shot_classifier(rn50, names, sl.IMAGENET_TEMPLATES, batch_size=3)
+    full = sl.zero_shot_classifier(tiny_clip, names, sl.IMAGENET_TEMPLATES)
+    tiny = sl.zero_shot_classifier(tiny_clip, names, sl.IMAGENET_TEMPLATES, batch_size=3)
     torch.testing.assert_close(full, tiny, rtol=1e-4, atol=1e-5)
 
 
