@@ -152,3 +152,19 @@ def test_registry_exposes_the_tasks():
         mt.TargetTask(target="smallest")
     with pytest.raises(TypeError, match="TaskReader"):
         mt.task_of(data.test.__class__(("a",), (0,), ("c",), lambda i: None))
+
+
+def test_shape_twins_differ_only_in_shapes():
+    a, b = mw.shape_twins(np.random.default_rng(9), n_objects=3)
+    assert [(o.x, o.y, o.colour, o.size) for o in a.objects] == [(o.x, o.y, o.colour, o.size) for o in b.objects]
+    assert any(x.shape != y.shape for x, y in zip(a.objects, b.objects))
+    differ = np.asarray(a.image) != np.asarray(b.image)
+    union = a.masks.any(0) | b.masks.any(0)
+    assert differ.any() and not differ.any(-1)[~union].any()  # the same background pixels
+
+
+def test_batch_twin_fraction_makes_pairs():
+    imgs, caps = mw.scene_batch(np.random.default_rng(0), 8, image_size=64, twin_fraction=0.5)
+    assert len(caps) == 8
+    with pytest.raises(ValueError, match="twin_fraction"):
+        mw.scene_batch(np.random.default_rng(0), 8, twin_fraction=2.0)

@@ -46,6 +46,7 @@ class PretrainConfig:
     style: str = "pretrain"
     min_objects: int = 1
     max_objects: int = 3
+    twin_fraction: float = 0.5  # share of each batch in shape-twin pairs (see miniworld.shape_twins)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -57,6 +58,8 @@ class PretrainConfig:
         mw.get_style(self.style)  # raises with the valid names
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 0.0 <= self.twin_fraction <= 1.0:
+            raise ValueError(f"twin_fraction must be in [0, 1], got {self.twin_fraction}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +85,7 @@ def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[s
     rng = np.random.default_rng([cfg.seed, step])
     images, captions = mw.scene_batch(
         rng, cfg.batch_size, n_objects=(cfg.min_objects, cfg.max_objects),
-        image_size=cfg.model.image_size, style=cfg.style,
+        image_size=cfg.model.image_size, style=cfg.style, twin_fraction=cfg.twin_fraction,
     )
     return preprocess_images(images), captions  # B x 3 x S x S float32
 
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--style", default=d.style, choices=sorted(mw.STYLES))
+    p.add_argument("--twin-fraction", type=float, default=d.twin_fraction)
     p.add_argument("--work-dir", default="runs/miniclip", help="resumable training state lives here")
     p.add_argument("--out", default=str(CHECKPOINT), help="fp16 safetensors to write at the end")
     p.add_argument("--log", default=str(LOG_PATH), help="JSON log to write at the end")
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=500)
     a = p.parse_args(argv)
     cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                         seed=a.seed, style=a.style)
+                         seed=a.seed, style=a.style, twin_fraction=a.twin_fraction)
     log = pretrain(cfg, a.work_dir, a.out, a.log, max_minutes=a.max_minutes, threads=a.threads, eval_every=a.eval_every)
     print(json.dumps({k: log[k] for k in ("step", "wall_s", "zero_shot_fp16", "checkpoint_bytes") if k in log}))
 
