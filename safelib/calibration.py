@@ -35,15 +35,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(step: Callable[[], None], repeats: int, device: torch.device) -> float:
+def _median_time(step: Callable[[], None], repeats: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter) -> float:
     step()  # warm-up: allocations, kernels, lazy init
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -59,14 +60,14 @@ def synthetic_attnpool(map_shape: tuple[int, int, int] = (2048, 7, 7), seed: int
 
 
 def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000, repeats: int = 3,
-                   pool_fn: Callable = attention_pool) -> float:
+                   pool_fn: Callable = attention_pool, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds for one SAFE optimizer step on a batch already on the attnpool's device."""
     param = next(attnpool.parameters())
     device = param.device
     channels = attnpool.positional_embedding.shape[1]
     side = int(round((attnpool.positional_embedding.shape[0] - 1) ** 0.5))
     pool = _trainable_copy(attnpool)
-    optimizer = torch.optim.AdamW([p for p in pool.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = _optimizer([p for p in pool.parameters() if p.requires_grad])
     out_dim = pool.c_proj.out_features
     text = F.normalize(torch.randn(out_dim, num_classes, device=device), dim=0)
     batch = torch.randn(batch_size, channels, side, side, device=device).relu()
@@ -79,7 +80,14 @@ def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000
         loss.backward()
         optimizer.step()
 
-    return _median_time(step, repeats, device)
+    return _median_time(step, repeats, device, clock)
+
+
+def _optimizer(params: list) -> torch.optim.Optimizer:
+    from .methods import safe  # the trainer's own optimizer (fused AdamW where available)
+
+    make = getattr(safe, "adamw", None)
+    return make(params, lr=1e-6) if make else torch.optim.AdamW(params, lr=1e-6)
 
 
 def _trainable_copy(attnpool: nn.Module) -> nn.Module:
@@ -89,7 +97,7 @@ def _trainable_copy(attnpool: nn.Module) -> nn.Module:
 
 
 def _gather_rate(maps, device: torch.device, batch_size: int, host_only: bool, repeats: int,
-                 before: Callable[[], None] | None = None) -> float:
+                 before: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter) -> float:
     """Bytes/s of assembling every row of a one-view placement in shuffled batches."""
     n = maps.num_images
     bytes_total = n * maps.num_views * int(np.prod(maps.shape[2:])) * 2
@@ -105,20 +113,23 @@ def _gather_rate(maps, device: torch.device, batch_size: int, host_only: bool, r
     for _ in range(repeats):
         if before is not None:
             before()
-        start = time.perf_counter()
+        start = clock()
         one_pass()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return bytes_total / statistics.median(times)
 
 
 def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int] = (2048, 7, 7),
               batch_size: int = 32, attnpool: nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
-              sample_bytes: float = 128e6, repeats: int = 3, num_classes: int = 1000) -> Rates:
+              sample_bytes: float = 128e6, repeats: int = 3, num_classes: int = 1000,
+              clock: Callable[[], float] = time.perf_counter) -> Rates:
     """Measured ``Rates`` for SAFE on ``device`` with maps of ``map_shape`` (fp16 in the cache).
 
     ``cache_dir`` is where the real cache will live (the disk that is read); a temporary file of
     about ``sample_bytes`` is written there and removed. Takes seconds to a minute on a busy CPU.
+    ``clock=time.process_time`` measures CPU seconds instead of wall seconds: on a CPU shared with
+    other jobs that is what stays comparable from one minute to the next.
     """
     device = torch.device(device)
     if batch_size < 2:
@@ -126,8 +137,8 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     attnpool = (attnpool or synthetic_attnpool(map_shape)).to(device)
     # compute: two batch sizes separate the per-step cost (AdamW, launches) from the per-map one
     half = batch_size // 2
-    t_half = time_safe_step(attnpool, half, num_classes, repeats)
-    t_full = time_safe_step(attnpool, batch_size, num_classes, repeats)
+    t_half = time_safe_step(attnpool, half, num_classes, repeats, clock=clock)
+    t_full = time_safe_step(attnpool, batch_size, num_classes, repeats, clock=clock)
     map_s = max((t_full - t_half) / (batch_size - half), 1e-9)
     step_s = max(t_full - batch_size * map_s, 0.0)
     if t_full <= t_half:  # noise swamped the slope: charge everything per map
@@ -137,12 +148,12 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     rows = max(batch_size * 2, int(sample_bytes // map_bytes))
     maps = torch.randn(1, rows, *map_shape).to(torch.float16)
     cuda = device.type == "cuda"
-    gather = {"device": _gather_rate(DeviceMaps(maps.to(device)), device, batch_size, False, repeats)}
+    gather = {"device": _gather_rate(DeviceMaps(maps.to(device)), device, batch_size, False, repeats, clock=clock)}
     h2d = 0.0
     if cuda:
-        gather["pinned"] = _gather_rate(PinnedMaps(maps.pin_memory()), device, batch_size, True, repeats)
+        gather["pinned"] = _gather_rate(PinnedMaps(maps.pin_memory()), device, batch_size, True, repeats, clock=clock)
         host = maps[0, :batch_size * 4].pin_memory()
-        h2d = host.numel() * 2 / _median_time(lambda: host.to(device, non_blocking=True), repeats, device)
+        h2d = host.numel() * 2 / _median_time(lambda: host.to(device, non_blocking=True), repeats, device, clock)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="safelib-calibrate-") as tmp:
         path = Path(tmp) / "view.npy"
         memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *map_shape))
@@ -152,13 +163,14 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
         readable = np.load(path, mmap_mode="r")
         streamed = StreamedMaps([readable], prefetch=0, pin=cuda)
         gather["memmap_cold"] = _gather_rate(streamed, device, batch_size, cuda, repeats,
-                                             before=lambda: drop_page_cache(path))
-        gather["memmap_warm"] = _gather_rate(streamed, device, batch_size, cuda, repeats)
+                                             before=lambda: drop_page_cache(path), clock=clock)
+        gather["memmap_warm"] = _gather_rate(streamed, device, batch_size, cuda, repeats, clock=clock)
         del streamed, readable
     if not cuda:
         gather["pinned"] = gather["device"]  # no pinned placement on a CPU; kept for a complete table
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return Rates(step_s=step_s, map_s=map_s, gather_Bps=gather, h2d_Bps=h2d,
-                 source=f"measured by calibrate() on {name}, {when}, maps {tuple(map_shape)}, batch {batch_size}",
+                 source=f"measured by calibrate() on {name}, {when}, maps {tuple(map_shape)}, batch {batch_size}"
+                        + ("" if clock is time.perf_counter else f", clock {getattr(clock, '__name__', clock)}"),
                  device=name)

@@ -26,6 +26,13 @@ from torch import Tensor
 from .planner import PLACEMENTS, CachePlan
 
 
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.empty(0, dtype)).dtype
+
+
 def _as_tensor(view) -> Tensor:
     """A memmapped (read-only) view as a tensor sharing its memory: torch reads it without a numpy copy."""
     if isinstance(view, Tensor):
@@ -43,6 +50,11 @@ class PlacedMaps:
     def __init__(self, views: Sequence, shape: tuple[int, ...]):
         self._views = views
         self.shape = tuple(int(s) for s in shape)
+        self.bytes_gathered = 0  # stored bytes of every batch handed out: what the planner predicts
+
+    @property
+    def map_bytes(self) -> int:
+        return int(np.prod(self.shape[2:])) * torch.empty((), dtype=_torch_dtype(self.dtype)).element_size()
 
     @property
     def num_views(self) -> int:
@@ -74,6 +86,7 @@ class PlacedMaps:
         """(rows, maps) for consecutive slices of ``order``; image ``i`` shows view ``views[i]``."""
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
+            self.bytes_gathered += len(rows) * self.map_bytes
             yield rows, self.gather(views[rows], rows, device)
 
     def _host(self, views: Tensor, rows: Tensor) -> Tensor:
@@ -100,7 +113,12 @@ class DeviceMaps(PlacedMaps):
 
     def gather(self, views: Tensor, rows: Tensor, device: torch.device) -> Tensor:
         on = self.maps.device
-        return self.maps[views.to(on), rows.to(on)].to(device).float()                # B x C x H x W
+        if on.type == "cpu" and self.maps.dtype in _NUMPY_DTYPES:
+            # numpy copies whole rows (memcpy); torch's CPU index kernel goes element by element in fp16
+            picked = torch.from_numpy(self.maps.numpy()[views.numpy(), rows.numpy()])
+        else:
+            picked = self.maps[views.to(on), rows.to(on)]
+        return picked.to(device).float()                                                # B x C x H x W
 
 
 class PinnedMaps(PlacedMaps):
@@ -115,9 +133,10 @@ class PinnedMaps(PlacedMaps):
         self.flat = maps.flatten(0, 1)                                   # (V*N) x C x H x W, a view
 
     def _host(self, views: Tensor, rows: Tensor) -> Tensor:
-        index = views.cpu() * self.num_images + rows.cpu()
+        index = (views.cpu() * self.num_images + rows.cpu()).numpy()
         out = torch.empty((len(index), *self.shape[2:]), dtype=self.flat.dtype, pin_memory=self.flat.is_pinned())
-        return torch.index_select(self.flat, 0, index, out=out)
+        np.take(self.flat.numpy(), index, axis=0, out=out.numpy())                      # row copies into pinned RAM
+        return out
 
 
 class StreamedMaps(PlacedMaps):
@@ -134,15 +153,15 @@ class StreamedMaps(PlacedMaps):
             raise ValueError(f"prefetch must be an int >= 0 (0 = read in the training thread), got {prefetch!r}")
         self.prefetch = prefetch
         self.pin = torch.cuda.is_available() if pin is None else pin
-        self._tensors = [_as_tensor(v) for v in self._views]
 
     def _host(self, views: Tensor, rows: Tensor) -> Tensor:
-        views, rows = views.cpu(), rows.cpu()
-        out = torch.empty((len(rows), *self.shape[2:]), dtype=self._tensors[0].dtype, pin_memory=self.pin)
-        for v in views.unique().tolist():   # one read per view, rows ascending: sequential where it can be
-            pick = (views == v).nonzero().squeeze(1)
-            order = rows[pick].argsort()
-            out[pick[order]] = torch.index_select(self._tensors[v], 0, rows[pick][order])
+        views, rows = views.cpu().numpy(), rows.cpu().numpy()
+        out = torch.empty((len(rows), *self.shape[2:]), dtype=_torch_dtype(self.dtype), pin_memory=self.pin)
+        target = out.numpy()
+        for v in np.unique(views):          # one read per view, rows ascending: sequential where it can be
+            pick = np.flatnonzero(views == v)
+            pick = pick[np.argsort(rows[pick])]
+            target[pick] = self._views[v][rows[pick]]                                 # numpy: row memcpy
         return out
 
     def epoch_batches(self, order: Tensor, views: Tensor, batch_size: int,
@@ -171,6 +190,7 @@ class StreamedMaps(PlacedMaps):
                 if isinstance(item, BaseException):
                     raise item
                 rows, host = item
+                self.bytes_gathered += len(rows) * self.map_bytes
                 yield rows, self._to_device(host, device)
         finally:
             stop.set()
@@ -185,7 +205,7 @@ class StreamedMaps(PlacedMaps):
 def _materialise(views: Sequence, device: torch.device, pin: bool, chunk_rows: int = 256) -> Tensor:
     """Copy per-view arrays into one V x N x C x H x W tensor, chunk by chunk (never two full copies)."""
     first = views[0]
-    dtype = first.dtype if isinstance(first, Tensor) else torch.from_numpy(np.empty(0, first.dtype)).dtype
+    dtype = _torch_dtype(first.dtype)
     out = torch.empty((len(views), *first.shape), dtype=dtype, device=device, pin_memory=pin)
     for v, view in enumerate(views):
         source = _as_tensor(view)

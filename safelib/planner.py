@@ -234,6 +234,7 @@ class CachePlan:
             "predicted": dict(self.predictions[self.placement]),
             "alternatives": {k: dict(v) for k, v in self.predictions.items() if k != self.placement},
             "predicted_run_s": self.run_s,
+            "trunk": trunk_settings(self.profile),
             "rates": {**asdict(self.rates)},
         }
 
@@ -251,6 +252,14 @@ class CachePlan:
                      f"(io {p['io_s']:.2f} s, compute {p['compute_s']:.2f} s), {self.run_s:.1f} s for "
                      f"{w.epochs} epochs; rates {self.rates.source}")
         return "\n".join(lines)
+
+
+def trunk_settings(profile: DeviceProfile) -> dict:
+    """How the frozen trunk should run on ``profile``: on a GPU autocast in its half type (fp16 on a T4,
+    which has no bf16) with channels_last weights (``clip.visual.to(memory_format=torch.channels_last)``,
+    tensor cores want NHWC); on a CPU plain fp32, where neither helped (tests/benchmarks/RESULTS.md)."""
+    cuda = profile.kind == "cuda"
+    return {"autocast_dtype": profile.autocast_dtype if cuda else None, "channels_last": cuda}
 
 
 def predict_epoch(workload: Workload, profile: DeviceProfile, rates: Rates, placement: str,

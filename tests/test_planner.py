@@ -239,3 +239,16 @@ def test_extract_only_the_sampled_shots(fake_archive, tmp_path):
     assert sample_few_shot(full, 2, seed=1)[0].ids == shots.ids
     with pytest.raises(KeyError, match="not in"):
         extract_images(index, [["n01440764/missing.JPEG"]], dest)
+
+
+@pytest.mark.parametrize("placement", ["device", "memmap"])
+def test_bytes_an_epoch_moves_are_what_the_planner_predicts(tmp_path, small_task, placement):
+    """The deterministic half of the prediction: bytes per epoch (the seconds are a benchmark's job)."""
+    pool, dense, labels, text = small_task
+    placed = place_maps(_write_views(tmp_path, dense), placement, "cpu")
+    train_safe(pool, placed, labels, text, 50.0, SafeConfig(epochs=3, batch_size=6), seed=0)
+    workload = Workload.from_maps(placed, batch_size=6)
+    profile = DeviceProfile("c", "cpu", gpu_bytes=0, ram_bytes=GB, disk_bytes=GB, cpus=2, autocast_dtype=None,
+                            ram_reserve_bytes=0)
+    predicted = predict_epoch(workload, profile, RATES, placement)
+    assert placed.bytes_gathered == 3 * predicted["gather_bytes"] == 3 * 20 * 64 * 2 * 2 * 2
