@@ -53,3 +53,9 @@ from .methods import (
     method_config,
 )
 from .runs import RunConfig, RunConfigError, run, run_grid
+
+# --- performance (issue 7: cache placement planner, placed maps, calibration, ImageNet archive) ---
+from .calibration import calibrate
+from .data.imagenet_archive import archive_imageset, extract_images, index_train_archive
+from .placement import place_maps
+from .planner import PROFILES, CachePlan, DeviceProfile, PlanError, Workload, get_profile, plan_cache, profile_here
