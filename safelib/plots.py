@@ -15,6 +15,7 @@ import pandas as pd
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 __all__ = [
     "attention_grid",
@@ -59,19 +60,27 @@ def _image_array(image) -> np.ndarray:
     return np.clip(array, 0, 1)
 
 
-def _draw(ax, image, heat: np.ndarray, coverage: np.ndarray | None, vmax: float, title: str | None) -> None:
+def _draw(ax, image, heat: np.ndarray, coverage: np.ndarray | None, vmax: float, title: str | None,
+          note: str | None = None) -> None:
     array = _image_array(image)
     height, width = array.shape[:2]
     ax.imshow(array, extent=(0, width, height, 0))
     # The grid cells are large (4 x 4 for the mini-CLIP, 7 x 7 for RN50): show them as blocks.
-    ax.imshow(heat, cmap=_HEAT, alpha=0.55, vmin=0, vmax=vmax, extent=(0, width, height, 0),
+    ax.imshow(heat, cmap=_HEAT, alpha=0.5, vmin=0, vmax=vmax, extent=(0, width, height, 0),
               interpolation="nearest")
     if coverage is not None:
+        from .data.miniworld_tasks import target_cells
+
         side = coverage.shape[-1]
-        ys, xs = np.mgrid[0:side, 0:side]
-        centres_x = (xs + 0.5) * width / side
-        centres_y = (ys + 0.5) * height / side
-        ax.contour(centres_x, centres_y, coverage, levels=[0.25], colors="cyan", linewidths=1.5)
+        cell_w, cell_h = width / side, height / side
+        for r, c in zip(*np.nonzero(target_cells(coverage[None]).numpy()[0])):
+            ax.add_patch(Rectangle((c * cell_w, r * cell_h), cell_w, cell_h, fill=False, edgecolor="cyan",
+                                   linewidth=1.6))
+    if note:
+        ax.text(0.03, 0.04, note, transform=ax.transAxes, fontsize=8, color="white",
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1.5, "linewidth": 0})
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
@@ -85,7 +94,8 @@ def show_attention(images: Sequence, attention: torch.Tensor | np.ndarray, title
 
     images: N images (PIL or H x W x 3 arrays); attention: N x heads x (1 + g*g) from
     ``sl.attention_weights``; coverage: optional N x g x g target coverage
-    (``sl.target_grid_masks``), outlined in cyan where a cell is at least a quarter target.
+    (``sl.target_grid_masks``): the target's cells, as ``sl.target_attention_mass`` counts them
+    (at least a quarter covered, and always the best-covered one), are boxed in cyan.
     """
     _style()
     heat = attention_grid(attention)
@@ -109,10 +119,12 @@ def show_attention(images: Sequence, attention: torch.Tensor | np.ndarray, title
 def attention_before_after(images: Sequence, before: torch.Tensor | np.ndarray, after: torch.Tensor | np.ndarray,
                            coverage: np.ndarray | None = None, titles: Sequence[str] | None = None,
                            labels: tuple[str, str] = ("original pooling", "fine-tuned pooling"),
+                           masses: tuple[Sequence[float], Sequence[float]] | None = None,
                            size: float = 2.2) -> Figure:
     """Two rows over the same images: attention of the original pooling, then of the fine-tuned one.
 
     Both rows share one colour scale, so a brighter target cell after training means more attention.
+    ``masses``: optional (before, after) per-image target attention masses, written in each panel.
     """
     _style()
     heat_before, heat_after = attention_grid(before), attention_grid(after)
@@ -124,7 +136,8 @@ def attention_before_after(images: Sequence, before: torch.Tensor | np.ndarray, 
     for row, (heat, label) in enumerate(zip((heat_before, heat_after), labels)):
         for i in range(n):
             title = None if titles is None or row else titles[i]
-            _draw(axes[row, i], images[i], heat[i], None if coverage is None else coverage[i], vmax, title)
+            note = None if masses is None else f"on target {float(masses[row][i]):.2f}"
+            _draw(axes[row, i], images[i], heat[i], None if coverage is None else coverage[i], vmax, title, note)
         axes[row, 0].set_ylabel(label, fontsize=9)
     fig.tight_layout()
     return fig

@@ -48,8 +48,11 @@ def test_attention_figures_draw_over_images(tmp_path):
     coverage[:, :2, :2] = 1.0
     fig = plots.show_attention(images, _attention(), titles=["a", "b", "c"], coverage=coverage, columns=2)
     assert isinstance(fig, Figure) and len(fig.axes) == 4
+    assert len(fig.axes[0].patches) == 4  # the 2 x 2 target cells are boxed
     fig.savefig(tmp_path / "maps.png")
-    fig = plots.attention_before_after(images, _attention(), _attention(), coverage=coverage, titles=list("abc"))
+    fig = plots.attention_before_after(images, _attention(), _attention(), coverage=coverage, titles=list("abc"),
+                                       masses=([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]))
+    assert any(t.get_text() == "on target 0.40" for t in fig.axes[3].texts)
     assert len(fig.axes) == 6
     fig.savefig(tmp_path / "before_after.png")
     with pytest.raises(ValueError, match="images"):
