@@ -287,3 +287,16 @@ def test_batched_validation_scores_match_one_at_a_time():
     for batched, one in zip(batch_validation_scores(logits, labels), [validation_scores(lg, labels) for lg in logits]):
         assert batched["val_acc"] == pytest.approx(one["val_acc"])
         assert batched["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+
+
+def test_linear_probe_on_mean_views_is_sklearn_on_the_mean_features():
+    data, test = make_task(seed=15)
+    config = {"coarse_exponents": (0.0,), "refine_halfwidth": 0.0, "views": "mean"}
+    method = make_method("linear_probe", config).fit(data)
+    assert method.chosen["C"] == 1.0 and len(method.chosen["sweep"]) == 1
+    mean = F.normalize(F.normalize(data.train.pooled, dim=-1).mean(0), dim=-1).double().numpy()
+    model = LogisticRegression(C=1.0, max_iter=1000).fit(mean, data.train.labels.numpy())
+    expected = model.predict_log_proba(F.normalize(test.pooled[0], dim=-1).double().numpy())
+    np.testing.assert_allclose(method.predict(test).numpy(), expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="'all' or 'mean'"):
+        LinearProbeConfig(views="first")
