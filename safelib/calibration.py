@@ -174,3 +174,29 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
                  source=f"measured by calibrate() on {name}, {when}, maps {tuple(map_shape)}, batch {batch_size}"
                         + ("" if clock is time.perf_counter else f", clock {getattr(clock, '__name__', clock)}"),
                  device=name)
+
+
+_MEASURED: dict[tuple, Rates] = {}
+
+
+def plan_for_maps(dense, device: str | torch.device = "cpu", *, batch_size: int = 32, epochs: int = 20,
+                  cache_dir: str | os.PathLike | None = None, rates: Rates | None = None,
+                  placement: str | None = None):
+    """Measure (once per process, device and map shape) and plan where ``dense`` should live for training.
+
+    ``dense`` is the train split's maps (a cache entry, per-view arrays or a V x N x ... tensor). Returns
+    the ``CachePlan``; ``place_maps(dense, plan, device)`` then puts them there, and ``plan.as_record()``
+    goes into the run record. Raises ``PlanError`` (with the sizes) when the maps fit nowhere.
+    """
+    from .planner import Workload, plan_cache, profile_here
+
+    device = torch.device(device)
+    workload = Workload.from_maps(dense, batch_size=batch_size, epochs=epochs)
+    if rates is None:
+        key = (str(device), workload.map_shape, batch_size, str(cache_dir))
+        if key not in _MEASURED:
+            _MEASURED[key] = calibrate(device, workload.map_shape, batch_size, cache_dir=cache_dir,
+                                       sample_bytes=min(64e6, 4 * workload.cache_bytes), repeats=2)
+        rates = _MEASURED[key]
+    root = cache_dir if cache_dir is not None else getattr(dense, "path", ".")
+    return plan_cache(workload, profile_here(device, root, rates), rates, placement)

@@ -252,3 +252,20 @@ def test_bytes_an_epoch_moves_are_what_the_planner_predicts(tmp_path, small_task
                             ram_reserve_bytes=0)
     predicted = predict_epoch(workload, profile, RATES, placement)
     assert placed.bytes_gathered == 3 * predicted["gather_bytes"] == 3 * 20 * 64 * 2 * 2 * 2
+
+
+def test_plan_for_maps_measures_once_and_places_a_cache_entry(tmp_path, small_task):
+    from safelib.cache import CacheWriter
+    from safelib.calibration import _MEASURED, plan_for_maps
+
+    _, dense, _, _ = small_task
+    writer = CacheWriter(tmp_path / "cache", {"kind": "dense", "test": 1}, rows=20, item_shape=(64, 2, 2), views=3)
+    writer.write(dense)
+    entry = writer.finish()
+    plan = plan_for_maps(entry, "cpu", batch_size=6, epochs=2, cache_dir=tmp_path)
+    assert plan.placement == "device" and plan.workload.cache_bytes == 3 * 20 * 64 * 4 * 2
+    assert plan.as_record()["rates"]["source"].startswith("measured by calibrate()")
+    assert plan_for_maps(entry, "cpu", batch_size=6, cache_dir=tmp_path).rates is plan.rates  # measured once
+    assert len([k for k in _MEASURED if k[1] == (64, 2, 2)]) == 1
+    placed = place_maps(entry, plan, "cpu")
+    torch.testing.assert_close(placed[2], dense[2])
