@@ -1,6 +1,6 @@
 """A two-minute, offline tour: load a CLIP, pool, classify, and say what happened.
 
-    python -m safelib.demo [--model miniclip] [--images 60] [--seed 0]
+    python -m safelib.demo [--images 60] [--seed 0] [--weights PATH]
 
 It uses the shipped mini-CLIP and freshly drawn mini-world shapes, so it needs no download.
 """
@@ -19,11 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=60, help="single-object scenes to classify")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default="shipped", help="a mini-CLIP checkpoint (default: the shipped one)")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    clip = load_clip("miniclip")
-    print(f"1. loaded the shipped mini-CLIP: {clip.image_size} px images, a {clip.grid}x{clip.grid} dense grid "
+    clip = load_clip("miniclip", pretrained=args.weights)
+    print(f"1. loaded the mini-CLIP ({args.weights}): {clip.image_size} px images, a {clip.grid}x{clip.grid} dense grid "
           f"of {clip.dense_channels} channels, {clip.num_heads} attention heads, {clip.embed_dim}-d features")
 
     scenes = [make_scene(args.seed * 100_000 + i, n_objects=1, image_size=clip.image_size) for i in range(args.images)]
