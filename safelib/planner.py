@@ -255,11 +255,13 @@ class CachePlan:
 
 
 def trunk_settings(profile: DeviceProfile) -> dict:
-    """How the frozen trunk should run on ``profile``: on a GPU autocast in its half type (fp16 on a T4,
-    which has no bf16) with channels_last weights (``clip.visual.to(memory_format=torch.channels_last)``,
-    tensor cores want NHWC); on a CPU plain fp32, where neither helped (tests/benchmarks/RESULTS.md)."""
+    """How the frozen trunk should run on ``profile``: channels_last weights everywhere
+    (``clip.visual.to(memory_format=torch.channels_last)``: 1.1-1.6x on our 2-vCPU EPYC, and what GPU
+    tensor cores want), and on a GPU autocast in its half type (fp16 on a T4, which has no bf16).
+    Not on a CPU by default: bf16 was 1.3-1.8x faster there (AVX512-bf16) but changes the cached maps
+    (tests/benchmarks/RESULTS.md); pass ``autocast_dtype="bfloat16"`` to the cache builder to choose it."""
     cuda = profile.kind == "cuda"
-    return {"autocast_dtype": profile.autocast_dtype if cuda else None, "channels_last": cuda}
+    return {"autocast_dtype": profile.autocast_dtype if cuda else None, "channels_last": True}
 
 
 def predict_epoch(workload: Workload, profile: DeviceProfile, rates: Rates, placement: str,
