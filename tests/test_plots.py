@@ -85,3 +85,21 @@ def test_accuracy_vs_shots_from_records(tmp_path):
         plots.plot_accuracy_vs_shots(records.drop(columns="seed"))
     with pytest.raises(ValueError, match="no records"):
         plots.plot_accuracy_vs_shots(records.iloc[:0])
+
+
+def test_widget_explorers_build_and_update():
+    pytest.importorskip("ipywidgets")
+    from safelib import widgets
+
+    images = [np.zeros((16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    explorer = widgets.attention_explorer(images, _attention(), _attention(), np.ones((3, 4, 4), np.float32),
+                                          titles=list("abc"))
+    slider = explorer.children[0]
+    slider.value = 2  # re-draws without error
+    with pytest.raises(ValueError, match="images"):
+        widgets.attention_explorer(images[:2], _attention(), _attention())
+    explorer = widgets.blend_explorer(torch.randn(6, 4), torch.randn(6, 4), torch.arange(6) % 2,
+                                      torch.nn.functional.normalize(torch.randn(4, 2), dim=0), 10.0)
+    slider, label = explorer.children
+    slider.value = 1.0
+    assert label.value.startswith("blend 1.00: accuracy")
