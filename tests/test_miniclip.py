@@ -129,3 +129,20 @@ def test_load_clip_miniclip_through_the_public_api():
     feats = torch.nn.functional.normalize(clip.encode_image(torch.stack(images)), dim=-1)
     acc = ((feats @ W).argmax(1) == torch.tensor(labels)).float().mean().item()
     assert acc >= 0.7  # 48 images: a looser bound than the 360-image acceptance test above
+
+
+@shipped
+@pytest.mark.slow
+def test_safe_comparison_regression():
+    """A small, deterministic version of the issue-5 table: SAFE should beat zero-shot and look at the target."""
+    from safelib.miniclip.evaluate import EvalConfig, evaluate, markdown_table
+
+    config = EvalConfig(shots=8, seeds=(1,), pool_per_class=(8, 4, 20), rows=("zero-shot", "SAFE (all)"),
+                        safe={"epochs": 30, "lr": 1e-3, "batch_size": 16})
+    record = evaluate(config, progress=False)
+    print(markdown_table(record))
+    zero_shot, safe = record["per_seed"]["zero-shot"][0], record["per_seed"]["SAFE (all)"][0]
+    assert safe["test_acc"] >= zero_shot["test_acc"] + 5.0
+    assert safe["target_mass"] > record["original_target_mass"]
+    again = evaluate(EvalConfig(**{**config.__dict__, "rows": ("SAFE (all)",)}), progress=False)
+    assert again["per_seed"]["SAFE (all)"][0]["test_acc"] == safe["test_acc"]  # deterministic under the seed

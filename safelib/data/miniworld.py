@@ -37,7 +37,7 @@ POSITIONS: tuple[tuple[str, ...], ...] = (
     ("bottom left", "bottom", "bottom right"),
 )
 # Radius as a fraction of the image side, before Style.size_scale.
-SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.075, 0.11), "large": (0.19, 0.25)}
+SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.09, 0.13), "large": (0.2, 0.27)}
 
 # Zero-shot prompt templates matching the caption grammar below (no vowel-initial shape name,
 # so "a {}" is always correct; colours go through "something {}" to avoid "a orange").
@@ -88,7 +88,7 @@ STYLES: dict[str, Style] = {
     "cluttered": Style(backgrounds=("plain", "noise"), clutter=8),
     "small": Style(size_scale=0.75),
     # What the mini-CLIP is pretrained on: a mixture, so every style is in-distribution-ish.
-    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.3, clutter=3),
+    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.25, clutter=2),
 }
 
 

@@ -36,17 +36,17 @@ class PretrainConfig:
     """Everything a pretraining run depends on (the loss curve is a function of this)."""
 
     model: MiniClipConfig = field(default_factory=MiniClipConfig)
-    steps: int = 3000
-    batch_size: int = 128
+    steps: int = 2000
+    batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 2e-5
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 0.05
     seed: int = 0
     style: str = "pretrain"
     min_objects: int = 1
     max_objects: int = 3
-    twin_fraction: float = 0.5  # share of each batch in shape-twin pairs (see miniworld.shape_twins)
+    twin_fraction: float = 1.0  # share of each batch in shape-twin pairs (see miniworld.shape_twins)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
