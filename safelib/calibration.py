@@ -12,6 +12,7 @@ data shaped like the real maps, in a few seconds:
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import statistics
@@ -134,7 +135,8 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     device = torch.device(device)
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (the step is timed at batch/2 and batch), got {batch_size}")
-    attnpool = (attnpool or synthetic_attnpool(map_shape)).to(device)
+    # a copy: the caller's attnpool stays where it is
+    attnpool = copy.deepcopy(attnpool).to(device) if attnpool is not None else synthetic_attnpool(map_shape).to(device)
     # compute: two batch sizes separate the per-step cost (AdamW, launches) from the per-map one
     half = batch_size // 2
     t_half = time_safe_step(attnpool, half, num_classes, repeats, clock=clock)
@@ -162,9 +164,13 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
         del memmap
         readable = np.load(path, mmap_mode="r")
         streamed = StreamedMaps([readable], prefetch=0, pin=cuda)
-        gather["memmap_cold"] = _gather_rate(streamed, device, batch_size, cuda, repeats,
-                                             before=lambda: drop_page_cache(path), clock=clock)
         gather["memmap_warm"] = _gather_rate(streamed, device, batch_size, cuda, repeats, clock=clock)
+        cold_note = ""
+        if hasattr(os, "posix_fadvise"):
+            gather["memmap_cold"] = _gather_rate(streamed, device, batch_size, cuda, repeats,
+                                                 before=lambda: drop_page_cache(path), clock=clock)
+        else:  # no way to evict our file's pages here (not Linux): the cold rate is not known
+            gather["memmap_cold"], cold_note = gather["memmap_warm"], "; cold disk rate not measurable here (= warm)"
         del streamed, readable
     if not cuda:
         gather["pinned"] = gather["device"]  # no pinned placement on a CPU; kept for a complete table
@@ -172,7 +178,8 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     name = torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return Rates(step_s=step_s, map_s=map_s, gather_Bps=gather, h2d_Bps=h2d,
                  source=f"measured by calibrate() on {name}, {when}, maps {tuple(map_shape)}, batch {batch_size}"
-                        + ("" if clock is time.perf_counter else f", clock {getattr(clock, '__name__', clock)}"),
+                        + ("" if clock is time.perf_counter else f", clock {getattr(clock, '__name__', clock)}")
+                        + cold_note,
                  device=name)
 
 

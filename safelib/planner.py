@@ -175,7 +175,7 @@ class Workload:
         """The workload of a cache entry / per-view arrays / ``V x N x C x H x W`` tensor."""
         shape = tuple(dense.shape) if hasattr(dense, "shape") and len(dense.shape) == 5 \
             else (len(dense), *dense[0].shape)
-        item = getattr(dense, "dtype", None) or dense[0].dtype
+        item = dense.dtype if hasattr(dense, "dtype") else dense[0].dtype  # numpy or torch dtype
         size = item.itemsize if hasattr(item, "itemsize") else torch.empty((), dtype=item).element_size()
         return cls(images=int(shape[1]), views=int(shape[0]), map_shape=shape[2:], bytes_per_value=int(size), **kw)
 
@@ -255,13 +255,13 @@ class CachePlan:
 
 
 def trunk_settings(profile: DeviceProfile) -> dict:
-    """How the frozen trunk should run on ``profile``: channels_last weights everywhere
-    (``clip.visual.to(memory_format=torch.channels_last)``: 1.1-1.6x on our 2-vCPU EPYC, and what GPU
-    tensor cores want), and on a GPU autocast in its half type (fp16 on a T4, which has no bf16).
-    Not on a CPU by default: bf16 was 1.3-1.8x faster there (AVX512-bf16) but changes the cached maps
-    (tests/benchmarks/RESULTS.md); pass ``autocast_dtype="bfloat16"`` to the cache builder to choose it."""
+    """How the frozen trunk should run on ``profile``. On a GPU: autocast in its half type (fp16 on a T4,
+    which has no bf16) and channels_last weights (``clip.visual.to(memory_format=torch.channels_last)``),
+    the layout tensor cores want. On a CPU: plain fp32. On our 2-vCPU EPYC, channels_last gave 0.74-1.58x,
+    no reliable gain. bf16 gave 1.3-2.3x (AVX-512 bf16), but it changes the cached maps, so it is the
+    reader's choice (``autocast_dtype="bfloat16"`` when building the cache); see tests/benchmarks/RESULTS.md."""
     cuda = profile.kind == "cuda"
-    return {"autocast_dtype": profile.autocast_dtype if cuda else None, "channels_last": True}
+    return {"autocast_dtype": profile.autocast_dtype if cuda else None, "channels_last": cuda}
 
 
 def predict_epoch(workload: Workload, profile: DeviceProfile, rates: Rates, placement: str,

@@ -218,9 +218,13 @@ def main() -> None:
     parser.add_argument("--sample-mb", type=float, default=64, help="calibration sample size")
     parser.add_argument("--calibrate-repeats", type=int, default=5, help="timed steps per calibrate() measurement")
     parser.add_argument("--cache-dir", default=None, help="where the synthetic cache is written (default: a tmp dir)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 keeps CPU-second measurements free of OpenMP spin-waiting on a busy machine)")
     parser.add_argument("--skip-open-clip", action="store_true", help="skip the open_clip pooling epoch")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scale = args.scale or (1 if device.type == "cuda" else 100)
     classes = FULL_CLASSES // scale
     images = classes * SHOTS
