@@ -12,7 +12,7 @@ The planner takes the fastest place the cache fits in, with the sizes written do
 the epoch from rates *measured* on the machine (``safelib.calibration``): bytes read from disk,
 bytes copied to the device, and the attnpool's compute per map. A plan that fits nowhere is refused
 with the numbers. ``CachePlan.as_record()`` is the plain dict a run record stores.
-Taught in the book's "SAFE at ImageNet scale" section.
+Taught in the book's "SAFE at ImageNet scale" chapter (notebooks/04_scale.ipynb).
 """
 from __future__ import annotations
 

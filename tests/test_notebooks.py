@@ -33,6 +33,7 @@ TINY: dict[str, dict] = {
                            "safe_a_clip_adapter": {"safe": {"epochs": 1}, "adapter": {"epochs": 1}},
                            "tip_adapter_f": {"epochs": 1}, "clip_adapter": {"epochs": 1}},
     },
+    "04_scale": {"map_shape": [256, 7, 7], "calibration_mb": 2},
 }
 
 
@@ -128,3 +129,10 @@ def test_03_methods_runs(tmp_path, kernel_env, monkeypatch):
     records = sorted((tmp_path / "runs").rglob("*.run.json"))
     assert {r.parent.name for r in records} == set(sl.METHODS)
     assert all(json.loads(r.read_text())["shots"] == 1 for r in records)
+
+
+@pytest.mark.slow
+def test_04_scale_runs(tmp_path, kernel_env, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "MINICLIP", "not used")  # loads no model: needs no checkpoint
+    text, _ = _outputs(_execute("04_scale", tmp_path, kernel_env, monkeypatch))
+    assert "on colab-t4" in text and "on here (cpu)" in text and "measured by calibrate()" in text
