@@ -154,17 +154,22 @@ def test_registry_exposes_the_tasks():
         mt.task_of(data.test.__class__(("a",), (0,), ("c",), lambda i: None))
 
 
-def test_shape_twins_differ_only_in_shapes():
-    a, b = mw.shape_twins(np.random.default_rng(9), n_objects=3)
-    assert [(o.x, o.y, o.colour, o.size) for o in a.objects] == [(o.x, o.y, o.colour, o.size) for o in b.objects]
-    assert any(x.shape != y.shape for x, y in zip(a.objects, b.objects))
-    differ = np.asarray(a.image) != np.asarray(b.image)
-    union = a.masks.any(0) | b.masks.any(0)
-    assert differ.any() and not differ.any(-1)[~union].any()  # the same background pixels
+def test_shape_variants_differ_only_in_one_object_shape():
+    scenes = mw.shape_variants(np.random.default_rng(9), 4, n_objects=3)
+    assert len(scenes) == 4
+    a = scenes[0]
+    for b in scenes[1:]:
+        assert [(o.x, o.y, o.colour, o.size) for o in a.objects] == [(o.x, o.y, o.colour, o.size) for o in b.objects]
+        assert sum(x.shape != y.shape for x, y in zip(a.objects, b.objects)) == 1
+        differ = np.asarray(a.image) != np.asarray(b.image)
+        union = a.masks.any(0) | b.masks.any(0)
+        assert differ.any() and not differ.any(-1)[~union].any()  # the same background pixels
+    with pytest.raises(ValueError, match="n_variants"):
+        mw.shape_variants(np.random.default_rng(0), 7)
 
 
-def test_batch_twin_fraction_makes_pairs():
-    imgs, caps = mw.scene_batch(np.random.default_rng(0), 8, image_size=64, twin_fraction=0.5)
-    assert len(caps) == 8
-    with pytest.raises(ValueError, match="twin_fraction"):
-        mw.scene_batch(np.random.default_rng(0), 8, twin_fraction=2.0)
+def test_batch_variant_fraction_makes_groups():
+    imgs, caps = mw.scene_batch(np.random.default_rng(0), 8, image_size=64, variant_fraction=1.0, n_variants=4)
+    assert len(caps) == 8 and imgs.shape == (8, 64, 64, 3)
+    with pytest.raises(ValueError, match="variant_fraction"):
+        mw.scene_batch(np.random.default_rng(0), 8, variant_fraction=2.0)

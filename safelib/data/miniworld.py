@@ -366,34 +366,35 @@ def make_scene(
     return Scene(image, objects, masks, caption(objects, image_size, rng, kind), kind)
 
 
-def shape_twins(
+def shape_variants(
     rng: np.random.Generator,
+    n_variants: int = 6,
     *,
     n_objects: int | tuple[int, int] = (1, 3),
     image_size: int = 128,
     style: str | Style = "pretrain",
-) -> tuple[Scene, Scene]:
-    """Two scenes identical in layout, colours, sizes and background, differing in some shapes.
+) -> tuple[Scene, ...]:
+    """`n_variants` scenes identical in layout, colours, sizes and background; one object's shape differs.
 
     Why: in random batches colour, size and position already tell captions apart, so a
-    contrastive model can ignore shape altogether. A twin in the same batch is a hard negative
-    that only shape words and shape pixels can separate.
+    contrastive model can ignore shape altogether (a first run learned colours to 99% and shapes
+    not at all). Variants in the same batch are hard negatives that only shape can separate: for
+    a one-object scene, matching 6 variants to their captions is 6-way shape classification.
     """
+    if not 2 <= n_variants <= len(SHAPES):
+        raise ValueError(f"n_variants must be in 2..{len(SHAPES)} (one distinct shape each), got {n_variants}")
     style = get_style(style)
     lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
     objects = sample_objects(rng, int(rng.integers(lo, hi + 1)), image_size, style)
-    change = rng.random(len(objects)) < 0.5
-    change[rng.integers(len(objects))] = True  # at least one shape differs
-    twin = tuple(
-        replace(o, shape=SHAPES[(SHAPES.index(o.shape) + int(rng.integers(1, len(SHAPES)))) % len(SHAPES)]) if c else o
-        for o, c in zip(objects, change)
-    )
-    render_seed = int(rng.integers(2**63))  # one render stream for both: same background and jitter
+    vary = int(rng.integers(len(objects)))
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n_variants]]
+    render_seed = int(rng.integers(2**63))  # one render stream for all: same background and jitter
     scenes = []
-    for objs in (objects, twin):
+    for shape in shapes:
+        objs = tuple(replace(o, shape=shape) if i == vary else o for i, o in enumerate(objects))
         image, masks, kind = render(np.random.default_rng(render_seed), objs, image_size, style)
         scenes.append(Scene(image, objs, masks, caption(objs, image_size, rng, kind), kind))
-    return scenes[0], scenes[1]
+    return tuple(scenes)
 
 
 def scene_batch(
@@ -403,17 +404,18 @@ def scene_batch(
     n_objects: int | tuple[int, int] = (1, 3),
     image_size: int = 128,
     style: str | Style = "pretrain",
-    twin_fraction: float = 0.0,
+    variant_fraction: float = 0.0,
+    n_variants: int = 6,
 ) -> tuple[np.ndarray, list[str]]:
     """Images (B x S x S x 3 uint8) and captions for contrastive pretraining.
 
-    `twin_fraction` of the batch comes as `shape_twins` pairs (hard negatives for shape).
+    `variant_fraction` of the batch comes in groups of `shape_variants` (hard negatives for shape).
     """
-    if not 0.0 <= twin_fraction <= 1.0:
-        raise ValueError(f"twin_fraction must be in [0, 1], got {twin_fraction}")
+    if not 0.0 <= variant_fraction <= 1.0:
+        raise ValueError(f"variant_fraction must be in [0, 1], got {variant_fraction}")
     scenes: list[Scene] = []
-    for _ in range(int(batch_size * twin_fraction) // 2):
-        scenes.extend(shape_twins(rng, n_objects=n_objects, image_size=image_size, style=style))
+    for _ in range(int(batch_size * variant_fraction) // n_variants):
+        scenes.extend(shape_variants(rng, n_variants, n_objects=n_objects, image_size=image_size, style=style))
     while len(scenes) < batch_size:
         scenes.append(make_scene(rng, n_objects=n_objects, image_size=image_size, style=style))
     return np.stack([np.asarray(s.image) for s in scenes]), [s.caption for s in scenes]

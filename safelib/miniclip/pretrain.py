@@ -36,8 +36,8 @@ class PretrainConfig:
     """Everything a pretraining run depends on (the loss curve is a function of this)."""
 
     model: MiniClipConfig = field(default_factory=MiniClipConfig)
-    steps: int = 2000
-    batch_size: int = 64
+    steps: int = 2500
+    batch_size: int = 60
     lr: float = 1e-3
     min_lr: float = 2e-5
     warmup_steps: int = 50
@@ -46,7 +46,8 @@ class PretrainConfig:
     style: str = "pretrain"
     min_objects: int = 1
     max_objects: int = 3
-    twin_fraction: float = 1.0  # share of each batch in shape-twin pairs (see miniworld.shape_twins)
+    variant_fraction: float = 1.0  # share of each batch in shape-variant groups (see miniworld.shape_variants)
+    n_variants: int = 6
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -58,8 +59,10 @@ class PretrainConfig:
         mw.get_style(self.style)  # raises with the valid names
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
-        if not 0.0 <= self.twin_fraction <= 1.0:
-            raise ValueError(f"twin_fraction must be in [0, 1], got {self.twin_fraction}")
+        if not 0.0 <= self.variant_fraction <= 1.0:
+            raise ValueError(f"variant_fraction must be in [0, 1], got {self.variant_fraction}")
+        if not 2 <= self.n_variants <= len(mw.SHAPES):
+            raise ValueError(f"n_variants must be in 2..{len(mw.SHAPES)}, got {self.n_variants}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +88,7 @@ def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[s
     rng = np.random.default_rng([cfg.seed, step])
     images, captions = mw.scene_batch(
         rng, cfg.batch_size, n_objects=(cfg.min_objects, cfg.max_objects),
-        image_size=cfg.model.image_size, style=cfg.style, twin_fraction=cfg.twin_fraction,
+        image_size=cfg.model.image_size, style=cfg.style, variant_fraction=cfg.variant_fraction, n_variants=cfg.n_variants,
     )
     return preprocess_images(images), captions  # B x 3 x S x S float32
 
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--style", default=d.style, choices=sorted(mw.STYLES))
-    p.add_argument("--twin-fraction", type=float, default=d.twin_fraction)
+    p.add_argument("--variant-fraction", type=float, default=d.variant_fraction)
+    p.add_argument("--n-variants", type=int, default=d.n_variants)
     p.add_argument("--work-dir", default="runs/miniclip", help="resumable training state lives here")
     p.add_argument("--out", default=str(CHECKPOINT), help="fp16 safetensors to write at the end")
     p.add_argument("--log", default=str(LOG_PATH), help="JSON log to write at the end")
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=500)
     a = p.parse_args(argv)
     cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-                         seed=a.seed, style=a.style, twin_fraction=a.twin_fraction)
+                         seed=a.seed, style=a.style, variant_fraction=a.variant_fraction,
+                         n_variants=a.n_variants)
     log = pretrain(cfg, a.work_dir, a.out, a.log, max_minutes=a.max_minutes, threads=a.threads, eval_every=a.eval_every)
     print(json.dumps({k: log[k] for k in ("step", "wall_s", "zero_shot_fp16", "checkpoint_bytes") if k in log}))
 
