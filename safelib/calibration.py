@@ -12,6 +12,7 @@ data shaped like the real maps, in a few seconds:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import os
@@ -62,7 +63,10 @@ def synthetic_attnpool(map_shape: tuple[int, int, int] = (2048, 7, 7), seed: int
 
 def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000, repeats: int = 3,
                    pool_fn: Callable = attention_pool, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds for one SAFE optimizer step on a batch already on the attnpool's device."""
+    """Seconds for one SAFE optimizer step on a batch already on the attnpool's device.
+
+    Mirrors ``train_safe``'s defaults: on CUDA, fp16 autocast with gradient scaling (``SafeConfig.amp``).
+    """
     param = next(attnpool.parameters())
     device = param.device
     channels = attnpool.positional_embedding.shape[1]
@@ -74,12 +78,18 @@ def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000
     batch = torch.randn(batch_size, channels, side, side, device=device).relu()
     target = torch.randint(num_classes, (batch_size,), device=device)
 
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
     def step() -> None:
-        logits = 100.0 * F.normalize(pool_fn(pool, batch), dim=-1) @ text
+        with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():
+            features = pool_fn(pool, batch)
+        logits = 100.0 * F.normalize(features.float(), dim=-1) @ text
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     return _median_time(step, repeats, device, clock)
 
