@@ -406,16 +406,19 @@ def scene_batch(
     style: str | Style = "pretrain",
     variant_fraction: float = 0.0,
     n_variants: int = 6,
+    variant_objects: int | tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Images (B x S x S x 3 uint8) and captions for contrastive pretraining.
 
-    `variant_fraction` of the batch comes in groups of `shape_variants` (hard negatives for shape).
+    `variant_fraction` of the batch comes in groups of `shape_variants` (hard negatives for shape),
+    with `variant_objects` objects each (default: `n_objects`).
     """
+    variant_objects = n_objects if variant_objects is None else variant_objects
     if not 0.0 <= variant_fraction <= 1.0:
         raise ValueError(f"variant_fraction must be in [0, 1], got {variant_fraction}")
     scenes: list[Scene] = []
     for _ in range(int(batch_size * variant_fraction) // n_variants):
-        scenes.extend(shape_variants(rng, n_variants, n_objects=n_objects, image_size=image_size, style=style))
+        scenes.extend(shape_variants(rng, n_variants, n_objects=variant_objects, image_size=image_size, style=style))
     while len(scenes) < batch_size:
         scenes.append(make_scene(rng, n_objects=n_objects, image_size=image_size, style=style))
     return np.stack([np.asarray(s.image) for s in scenes]), [s.caption for s in scenes]

@@ -48,6 +48,8 @@ class PretrainConfig:
     max_objects: int = 3
     variant_fraction: float = 1.0  # share of each batch in shape-variant groups (see miniworld.shape_variants)
     n_variants: int = 6
+    variant_objects: tuple[int, int] = (1, 3)  # objects per variant group (1: pure 6-way shape contrast)
+    init_from: str | None = None  # start from these weights (a previous phase's safetensors), not random
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2:
@@ -71,6 +73,8 @@ class PretrainConfig:
     def from_dict(cls, d: dict) -> "PretrainConfig":
         d = dict(d)
         model = dict(d.pop("model"))
+        if "variant_objects" in d:
+            d["variant_objects"] = tuple(d["variant_objects"])
         model["vision_layers"] = tuple(model["vision_layers"])
         return cls(model=MiniClipConfig(**model), **d)
 
@@ -89,6 +93,7 @@ def batch_for_step(cfg: PretrainConfig, step: int) -> tuple[torch.Tensor, list[s
     images, captions = mw.scene_batch(
         rng, cfg.batch_size, n_objects=(cfg.min_objects, cfg.max_objects),
         image_size=cfg.model.image_size, style=cfg.style, variant_fraction=cfg.variant_fraction, n_variants=cfg.n_variants,
+        variant_objects=tuple(cfg.variant_objects),
     )
     return preprocess_images(images), captions  # B x 3 x S x S float32
 
@@ -152,9 +157,10 @@ def zero_shot_check(model, cfg: MiniClipConfig, n_per_class: int = 20, seed: int
     return out
 
 
-def export_checkpoint(model: torch.nn.Module, cfg: PretrainConfig, summary: dict, path: Path) -> None:
-    """fp16 safetensors with the open_clip config and the run summary as JSON metadata."""
-    state = {k: v.detach().to(torch.float16).contiguous(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()
+def export_checkpoint(model: torch.nn.Module, cfg: PretrainConfig, summary: dict, path: Path,
+                      dtype: torch.dtype = torch.float16) -> None:
+    """Safetensors (fp16 by default) with the open_clip config and the run summary as JSON metadata."""
+    state = {k: v.detach().to(dtype).contiguous(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()
              if v.is_floating_point()}
     # BatchNorm's num_batches_tracked is an integer buffer nothing reads in eval mode; drop it.
     meta = {
@@ -195,6 +201,13 @@ def pretrain(
     model = model.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     tokenizer = get_tokenizer(cfg.model.context_length)
+    if cfg.init_from is not None:
+        from safetensors.torch import load_file
+
+        init = {k: v.float() for k, v in load_file(cfg.init_from).items()}
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
+            raise ValueError(f"{cfg.init_from} does not fit the model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     log = {"config": cfg.to_dict(), "seed": cfg.seed, "threads": torch.get_num_threads(),
            "losses": [], "lrs": [], "logit_scales": [], "evals": [], "wall_s": 0.0, "step": 0}
     if state_path.exists():
@@ -275,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--style", default=d.style, choices=sorted(mw.STYLES))
     p.add_argument("--variant-fraction", type=float, default=d.variant_fraction)
     p.add_argument("--n-variants", type=int, default=d.n_variants)
+    p.add_argument("--variant-objects", type=int, nargs=2, default=list(d.variant_objects))
+    p.add_argument("--min-lr", type=float, default=d.min_lr)
+    p.add_argument("--init-from", default=None, help="weights to start from (a previous phase's safetensors)")
     p.add_argument("--work-dir", default="runs/miniclip", help="resumable training state lives here")
     p.add_argument("--out", default=str(CHECKPOINT), help="fp16 safetensors to write at the end")
     p.add_argument("--log", default=str(LOG_PATH), help="JSON log to write at the end")
@@ -284,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = PretrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
                          seed=a.seed, style=a.style, variant_fraction=a.variant_fraction,
-                         n_variants=a.n_variants)
+                         n_variants=a.n_variants, variant_objects=tuple(a.variant_objects), min_lr=a.min_lr,
+                         init_from=a.init_from)
     log = pretrain(cfg, a.work_dir, a.out, a.log, max_minutes=a.max_minutes, threads=a.threads, eval_every=a.eval_every)
     print(json.dumps({k: log[k] for k in ("step", "wall_s", "zero_shot_fp16", "checkpoint_bytes") if k in log}))
 
