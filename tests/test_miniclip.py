@@ -146,3 +146,22 @@ def test_safe_comparison_regression():
     assert safe["target_mass"] > record["original_target_mass"]
     again = evaluate(EvalConfig(**{**config.__dict__, "rows": ("SAFE (all)",)}), progress=False)
     assert again["per_seed"]["SAFE (all)"][0]["test_acc"] == safe["test_acc"]  # deterministic under the seed
+
+
+def test_init_from_starts_a_phase_from_given_weights(tmp_path):
+    from safelib.miniclip.pretrain import export_checkpoint
+
+    torch.manual_seed(3)
+    start = clip_from_config(TINY.to_open_clip()).eval()
+    export_checkpoint(start, tiny_cfg(), {}, tmp_path / "phase1.safetensors", dtype=torch.float32)
+    cfg = tiny_cfg(steps=1, lr=1e-12, min_lr=1e-12, init_from=str(tmp_path / "phase1.safetensors"))
+    pretrain(cfg, tmp_path / "w", tmp_path / "out.safetensors", log_path=None, eval_every=0, progress=False)
+    # a vanishing learning rate: the exported weights are the starting ones (up to the fp16 cast)
+    got = build_miniclip(tmp_path / "out.safetensors").state_dict()
+    ref = start.state_dict()
+    key = "visual.attnpool.q_proj.weight"
+    assert torch.allclose(got[key], ref[key], atol=1e-3)
+    other = MiniClipConfig(embed_dim=16, image_size=64, vision_width=8, text_width=32, text_heads=1, text_layers=1)
+    bad = PretrainConfig(model=other, steps=1, batch_size=4, warmup_steps=1, init_from=str(tmp_path / "out.safetensors"))
+    with pytest.raises((ValueError, RuntimeError)):
+        pretrain(bad, tmp_path / "w2", None, log_path=None, eval_every=0, progress=False)
