@@ -106,7 +106,7 @@ def test_shipped_checkpoint_zero_shot_on_fresh_single_objects():
     model = build_miniclip()
     cfg = MiniClipConfig(**{**read_metadata(CHECKPOINT)["miniclip_config"],
                             "vision_layers": tuple(read_metadata(CHECKPOINT)["miniclip_config"]["vision_layers"])})
-    acc = zero_shot_check(model, cfg, n_per_class=30, seed=int(np.random.SeedSequence().entropy % 2**31))
+    acc = zero_shot_check(model, cfg, n_per_class=30, seed=2024)  # not the seeds used while training
     print("zero-shot on fresh single objects:", acc)
     assert acc["shape"] >= 0.80 and acc["colour"] >= 0.80
 
