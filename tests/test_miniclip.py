@@ -137,7 +137,8 @@ def test_safe_comparison_regression():
     """A small, deterministic version of the issue-5 table: SAFE should beat zero-shot and look at the target."""
     from safelib.miniclip.evaluate import EvalConfig, evaluate, markdown_table
 
-    config = EvalConfig(shots=8, seeds=(1,), pool_per_class=(8, 4, 20), rows=("zero-shot", "SAFE (all)"),
+    config = EvalConfig(task="miniworld_colour_largest", shots=8, seeds=(1,), pool_per_class=(8, 4, 20),
+                        rows=("zero-shot", "SAFE (all)"),
                         safe={"epochs": 30, "lr": 1e-3, "batch_size": 16})
     record = evaluate(config, progress=False)
     print(markdown_table(record))
