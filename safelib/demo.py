@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     scenes = [make_scene(args.seed * 100_000 + i, n_objects=1, image_size=clip.image_size) for i in range(args.images)]
     labels = torch.tensor([SHAPES.index(scene.objects[0].shape) for scene in scenes])
     images = torch.stack([clip.preprocess(scene.image) for scene in scenes])
-    print(f"2. drew {len(scenes)} scenes of one shape each (e.g. {scenes[0].caption!r})")
+    first = scenes[0].objects[0]
+    print(f"2. drew {len(scenes)} scenes of one shape each (the first: a {first.size} {first.colour} {first.shape}, "
+          f"captioned {scenes[0].caption!r})")
 
     dense = clip.trunk(images)                                   # N x C x H x W
     features = attention_pool(clip.attnpool, dense)              # N x D
