@@ -54,8 +54,8 @@ def _check_deterministic_and_resumes(tmp_path):
     log1 = pretrain(cfg, tmp_path / "a", tmp_path / "a.safetensors", **kw)
     log2 = pretrain(cfg, tmp_path / "b", tmp_path / "b.safetensors", **kw)
     assert log1["losses"] == log2["losses"] and len(log1["losses"]) == 3
-    # interrupted after one step (max_minutes=0), then rerun: the same weights as uninterrupted
-    cut = pretrain(cfg, tmp_path / "c", None, max_minutes=0.0, **kw)
+    # stopped after one step, then rerun: the same weights as uninterrupted
+    cut = pretrain(cfg, tmp_path / "c", None, stop_at_step=1, **kw)
     assert cut["step"] == 1 and cut["stopped_early"]
     log3 = pretrain(cfg, tmp_path / "c", tmp_path / "c.safetensors", **kw)
     assert log3["losses"] == log1["losses"]
