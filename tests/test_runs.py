@@ -287,7 +287,7 @@ def test_every_method_beats_chance_with_the_shipped_miniclip(tmp_path):
     if not CHECKPOINT.is_file():
         pytest.skip("the mini-CLIP checkpoint is not shipped in this checkout")
     records = runs.run_grid(
-        "miniworld_shape_largest", list(sl.METHODS), [16], [1], progress=False, backbone="miniclip",
+        "miniworld_colour_largest", list(sl.METHODS), [16], [1], progress=False, backbone="miniclip",
         weights="shipped", train_views=4, dataset_options={"per_class": [16, 4, 20]},
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"),
     )
