@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .attnpool import attention_pool
 from .methods.blend import blend_features, class_logits
 
@@ -100,13 +100,8 @@ class SafeClassifier(nn.Module):
         path = Path(path)
         tensors = {f"attnpool.{k}": v.detach().cpu().contiguous() for k, v in self.attnpool.state_dict().items()}
         tensors["text_weights"] = self.text_weights.cpu().contiguous()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=self.metadata())
         return path
 
     @classmethod

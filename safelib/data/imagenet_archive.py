@@ -27,6 +27,7 @@ from typing import Iterable
 
 from PIL import Image
 
+from ..atomic import atomic_write_bytes, atomic_write_json
 from .imageset import ImageSet
 from .splits import IMAGE_SUFFIXES
 
@@ -83,9 +84,7 @@ def index_train_archive(archive: str | os.PathLike, index_path: str | os.PathLik
             return ArchiveIndex(str(archive), size, {k: tuple(v) for k, v in saved["members"].items()})
     index = ArchiveIndex(str(archive), size, _index_tar(archive))
     if index_path is not None:
-        tmp = Path(f"{index_path}.tmp")
-        tmp.write_text(json.dumps(index.to_json()))
-        os.replace(tmp, index_path)
+        atomic_write_json(index_path, index.to_json(), indent=None)
     return index
 
 
@@ -154,8 +153,5 @@ def extract_images(index: ArchiveIndex, sets: Iterable[ImageSet | Iterable[str]]
         paths.append(path)
         if path.is_file() and path.stat().st_size == index.members[image_id][1]:
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial")
-        tmp.write_bytes(reader.read_bytes(image_id))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, reader.read_bytes(image_id))
     return paths

@@ -11,14 +11,12 @@ PCG64 seeded through SeedSequence, so the same seed gives the same ids on any ma
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_json
 from .imageset import ImageSet
 from .registry import SplitDataset
 
@@ -107,18 +105,6 @@ def few_shot_filename(dataset: str, shots: int, seed: int) -> str:
     return f"{dataset}_{shots}shot_seed{seed}.json"
 
 
-def _write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_few_shot(path: str | Path, train: ImageSet, val: ImageSet, *, dataset: str, shots: int,
                   seed: int) -> Path:
     """Write the sampled ids (and labels) as JSON beside a run's results, atomically; returns the path."""
@@ -128,7 +114,7 @@ def save_few_shot(path: str | Path, train: ImageSet, val: ImageSet, *, dataset: 
         "train": {"source": train.name, "ids": list(train.ids), "labels": list(train.labels)},
         "val": {"source": val.name, "ids": list(val.ids), "labels": list(val.labels)},
     }
-    _write_json_atomic(path, payload)
+    atomic_write_json(path, payload)
     return path
 
 

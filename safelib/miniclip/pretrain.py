@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..atomic import atomic_path, atomic_write_json
 from ..data import miniworld as mw
 from . import CHECKPOINT, META_KEY, get_tokenizer, preprocess_images
 from .config import MiniClipConfig, clip_from_config
@@ -131,15 +132,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @torch.no_grad()
@@ -181,11 +175,8 @@ def export_checkpoint(model: torch.nn.Module, cfg: PretrainConfig, summary: dict
         "pretrain_config": json.dumps(cfg.to_dict()),
         "summary": json.dumps(summary),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)  # a shipped asset, readable by all
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
 
 
 def pretrain(
@@ -288,7 +279,7 @@ def pretrain(
         log["zero_shot_fp16"] = zero_shot_check(build_miniclip(out), cfg.model, n_per_class=50, seed=999)
         log["checkpoint_bytes"] = Path(out).stat().st_size
     if log_path is not None:
-        _atomic_write_text(json.dumps(log, indent=1), Path(log_path))
+        atomic_write_json(Path(log_path), log)
     return log
 
 

@@ -14,12 +14,13 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write_json
 
 RECORD_FORMAT = "safelib.run/1"
 RECORD_SUFFIX = ".run.json"
@@ -66,18 +67,7 @@ def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Write a record atomically: a temporary file in the same folder, fsync, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(jsonable(dict(record)), indent=1, sort_keys=True, allow_nan=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, jsonable(dict(record)), sort_keys=True, allow_nan=True)
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
