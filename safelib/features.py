@@ -154,7 +154,8 @@ def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, k
     Each image is decoded once and its K views cut from that decode (``safelib.data``'s
     ``ImageViews``); view ``v`` of image ``i`` is seeded by ``(seed, v, i)``, so a resumed build
     cuts the same views. ``split`` names the set's role ("train", "val", "test") in the key;
-    ``dataset`` defaults to the set's name; ``extra`` key fields are anything else that changes it.
+    ``dataset`` defaults to the set's name; the set's name is always in the key (a generated set's
+    name carries what changes its pixels); ``extra`` key fields are anything else that changes it.
 
     Example::
 
@@ -168,7 +169,8 @@ def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, k
     spec = ViewSpec.for_clip(clip, views=views, seed=seed)
     fields = feature_cache_fields(clip, kind=kind, dataset=dataset or images.name, split=split,
                                   ids=list(images.ids), transform=repr(spec.transform()), views=spec.num_views,
-                                  view_seed=spec.seed, autocast_dtype=autocast_dtype, **extra)
+                                  view_seed=spec.seed, autocast_dtype=autocast_dtype, image_set=images.name,
+                                  **extra)
     dataset = ImageViews(images, spec)
 
     def batches(start: int) -> Iterator[torch.Tensor]:

@@ -173,3 +173,18 @@ def test_batch_variant_fraction_makes_groups():
     assert len(caps) == 8 and imgs.shape == (8, 64, 64, 3)
     with pytest.raises(ValueError, match="variant_fraction"):
         mw.scene_batch(np.random.default_rng(0), 8, variant_fraction=2.0)
+
+
+def test_image_set_names_carry_what_changes_the_pixels() -> None:
+    """Same ids, other pictures: caches keyed by ids must see the difference through the name."""
+    from safelib.data.miniworld_tasks import TargetTask, task_split
+
+    base = task_split(TargetTask(seed=0), "train")
+    reseeded = task_split(TargetTask(seed=1), "train")
+    restyled = task_split(TargetTask(seed=0, style="textured"), "train")
+    more = task_split(TargetTask(seed=0, per_class=(40, 8, 50)), "train")
+    assert base.ids == reseeded.ids[:len(base)]
+    assert np.asarray(base.load_image(0)).tobytes() != np.asarray(reseeded.load_image(0)).tobytes()
+    assert len({base.name, reseeded.name, restyled.name}) == 3
+    assert more.name == base.name  # more images per class draws the same first pictures
+    assert np.asarray(more.load_image(0)).tobytes() == np.asarray(base.load_image(0)).tobytes()

@@ -13,7 +13,9 @@ task's seed, so an `ImageSet` costs nothing to build and pickles for worker proc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -77,6 +79,16 @@ class TargetTask:
     def name(self) -> str:
         return f"miniworld_{self.attribute}_{self.target}"
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of every field that changes an image's pixels (per_class only adds images).
+
+        Ids name an image within one task; caches keyed by ids also need this, or two tasks with
+        other seeds or styles would share cached maps of different pictures.
+        """
+        fields = {k: v for k, v in asdict(self).items() if k != "per_class"}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
     def split_style(self, split: str) -> str:
         return self.test_style if split == "test" and self.test_style is not None else self.style
 
@@ -138,7 +150,7 @@ def task_split(task: TargetTask, split: str) -> ImageSet:
     n = task.per_class[SPLITS.index(split)] * len(task.classnames)
     ids = tuple(f"{task.name}/{split}/{i:05d}" for i in range(n))
     labels = tuple(task.label_of(i) for i in range(n))
-    return ImageSet(ids, labels, task.classnames, TaskReader(task), name=f"{task.name}/{split}")
+    return ImageSet(ids, labels, task.classnames, TaskReader(task), name=f"{task.name}/{split}@{task.fingerprint}")
 
 
 def task_splits(task: TargetTask) -> tuple[ImageSet, ImageSet, ImageSet]:

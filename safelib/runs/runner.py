@@ -144,29 +144,16 @@ def _text_classifier(clip: Any, classnames: tuple[str, ...], templates: tuple[st
 def _split_features(clip: Any, config: RunConfig, images: Any, split: str, kind: str, views: int,
                     progress: bool) -> Any:
     """The split's cached features (extracted on a miss) as a ``SplitFeatures`` over memmaps."""
-    from ..data import ImageViews, ViewSpec, collate_views
-    from ..features import cache_features, feature_cache_fields
+    from ..features import cache_image_features
     from ..methods import SplitFeatures
 
-    # The eval transform draws nothing at random: seed 0 lets every seed's runs share the test cache.
-    spec = ViewSpec.for_clip(clip, views=views, seed=config.seed if views else 0)
-    fields = feature_cache_fields(
-        clip, kind=kind, dataset=config.dataset, split=f"{split}:{images.name}", ids=list(images.ids),
-        transform=repr(spec), views=spec.num_views, view_seed=spec.seed, autocast_dtype=config.autocast_dtype,
-        dataset_options=json.dumps(config.dataset_options, sort_keys=True),
+    entry = cache_image_features(
+        clip, images, config.cache_dir, split=split, kind=kind, views=views,
+        # The eval transform draws nothing at random: seed 0 lets every seed's runs share the test cache.
+        seed=config.seed if views else 0,
+        batch_size=config.batch_size, num_workers=config.num_workers, autocast_dtype=config.autocast_dtype,
+        progress=progress, dataset=config.dataset, dataset_options=json.dumps(config.dataset_options, sort_keys=True),
     )
-    dataset = ImageViews(images, spec)
-
-    def batches(start: int) -> Iterator[torch.Tensor]:
-        # A Subset keeps each image's own index, so a resumed extraction cuts the same views.
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(start, len(dataset))), batch_size=config.batch_size,
-            num_workers=config.num_workers, collate_fn=collate_views,
-        )
-        for batch in loader:
-            yield batch.images  # V x B x 3 x S x S
-
-    entry = cache_features(clip, fields, batches, config.cache_dir, progress=progress)
     labels = torch.tensor(images.labels, dtype=torch.long)
     return SplitFeatures(labels=labels, **{kind: entry})
 
