@@ -294,3 +294,12 @@ def test_every_method_beats_chance_with_the_shipped_miniclip(tmp_path):
     accuracies = {r["method"]: r["test_acc"] for r in records}
     assert set(accuracies) == set(sl.METHODS)
     assert all(acc > 100 / 6 + 10 for acc in accuracies.values()), accuracies
+
+
+def test_dense_runs_record_the_cache_plan(tmp_path, clip):
+    """Issue 7: the planner's placement and predicted epoch time are in the record of a SAFE run."""
+    record = runs.run(_config(tmp_path, method="safe", method_config={"epochs": 2, "batch_size": 4}), clip=clip)
+    plan = record["cache_plan"]
+    assert plan["placement"] in ("device", "pinned", "memmap")
+    assert plan["predicted"]["epoch_s"] > 0 and plan["workload"]["epochs"] == 2
+    assert runs.run(_config(tmp_path, method="zero_shot"), clip=clip)["cache_plan"] is None

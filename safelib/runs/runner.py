@@ -62,6 +62,10 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
             "val": _split_features(clip, config, val_set, "val", kind, 0, progress),
             "test": _split_features(clip, config, dataset.test, "test", kind, 0, progress),
         }
+    cache_plan = None
+    if kind == "dense":
+        with stages("plan_cache"):
+            splits["train"], cache_plan = _placed_train_maps(splits["train"], method.config, config)
     head = ClipHead(classifier=classifier, logit_scale=clip.logit_scale, attnpool=clip.attnpool,
                     classnames=tuple(dataset.classnames))
     with stages("fit"):
@@ -85,6 +89,7 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
         "num_images": {"train": len(train_set), "val": len(val_set), "test": len(dataset.test)},
         "sampled_ids": os.path.relpath(ids_file, path.parent),
         "sampling_warnings": [str(w.message) for w in caught if issubclass(w.category, data.FewShotWarning)],
+        "cache_plan": cache_plan,
         "timings": stages.seconds,
         "wall_seconds": sum(stages.seconds.values()),
         "peak_memory_mb": stages.peak_memory_mb(),
@@ -94,6 +99,23 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
     }
     write_record(path, record)
     return record
+
+
+def _placed_train_maps(train: Any, method_config: Any, config: RunConfig) -> tuple[Any, dict]:
+    """Put the train maps where the planner says (GPU, pinned RAM or streamed memmaps); return its plan.
+
+    The plan, with its predicted bytes and seconds per epoch from rates measured on this machine,
+    goes into the record, so a run's speed can be checked against what was expected.
+    """
+    from ..calibration import plan_for_maps
+    from ..methods import SplitFeatures
+    from ..placement import place_maps
+
+    training = getattr(method_config, "safe", method_config)  # SAFE-A nests SAFE's settings
+    plan = plan_for_maps(train.dense, config.device, batch_size=training.batch_size, epochs=training.epochs,
+                         cache_dir=config.cache_dir)
+    placed = place_maps(train.dense, plan, config.device)
+    return SplitFeatures(labels=train.labels, pooled=train.pooled, dense=placed), plan.as_record()
 
 
 def feature_kind(method: str) -> str:
