@@ -217,10 +217,11 @@ def load_clip(
     _check_model_name(name)
     if name == MINICLIP:
         from .miniclip import CHECKPOINT, build_miniclip
-        path = CHECKPOINT if pretrained in (None, "shipped", "openai") else Path(pretrained)
-        model = build_miniclip(path)
+        # the default tag ("openai") means "the weights this model comes with": the shipped ones
+        shipped = pretrained in (None, "shipped", "openai")
+        model = build_miniclip(CHECKPOINT if shipped else Path(pretrained))
         tokenizer = open_clip.get_tokenizer("RN50", context_length=model.context_length)
-        return _wrap(name, str(pretrained or "shipped"), model, tokenizer).to(device)
+        return _wrap(name, "shipped" if shipped else str(pretrained), model, tokenizer).to(device)
     if pretrained is not None:
         pretrained = str(pretrained)
         is_file = Path(pretrained).exists()

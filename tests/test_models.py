@@ -87,3 +87,10 @@ def test_every_resnet_clip_has_its_tags() -> None:
     for name in ("RN50x4", "RN50x16", "RN50x64"):
         assert sl.weight_tags(name) == ("openai",)
         assert open_clip.get_model_config(name)["vision_cfg"]["layers"]  # a ModifiedResNet config
+
+
+def test_miniclip_loads_offline_and_names_its_weights() -> None:
+    clip = sl.load_clip("miniclip")
+    assert clip.pretrained == "shipped" and sl.load_clip("miniclip", pretrained="shipped").pretrained == "shipped"
+    assert (clip.image_size, clip.grid) == (128, 4)
+    assert not clip.model.training and all(not p.requires_grad for p in clip.model.parameters())
