@@ -9,7 +9,9 @@ Taught in the book's "Caching the trunk" section.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
@@ -20,6 +22,23 @@ from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
 AUTOCAST_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def weights_digest(clip) -> str:
+    """A hash of the image tower's weights, computed once per model.
+
+    The weights' name ("shipped", a file path) is not enough for a cache key: a re-pretrained
+    mini-CLIP or a replaced file keeps its name and would silently be served the old maps.
+    """
+    visual = clip.model.visual
+    if visual not in _WEIGHT_DIGESTS:
+        digest = hashlib.blake2b(digest_size=8)
+        for name, tensor in sorted(visual.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _WEIGHT_DIGESTS[visual] = digest.hexdigest()
+    return _WEIGHT_DIGESTS[visual]
 
 
 def _autocast(device: torch.device, autocast_dtype: str | None):
@@ -74,7 +93,8 @@ def feature_cache_fields(clip, *, kind: Literal["dense", "pooled"], dataset: str
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype={autocast_dtype!r}; valid: {', '.join(map(str, AUTOCAST_DTYPES))}")
     return {
-        "kind": kind, "model": clip.name, "weights": str(clip.pretrained), "image_size": int(clip.image_size),
+        "kind": kind, "model": clip.name, "weights": str(clip.pretrained), "weights_digest": weights_digest(clip),
+        "image_size": int(clip.image_size),
         "dataset": dataset, "split": split, "num_images": len(ids), "ids": ids_digest(ids),
         "transform": transform, "views": int(views), "view_seed": int(view_seed),
         "autocast_dtype": autocast_dtype, **extra,

@@ -326,3 +326,19 @@ def test_a_build_waits_for_another_builder_of_the_same_entry(clip, tmp_path):
         assert worker.is_alive() and find_entry(tmp_path, fields) is None
     worker.join(timeout=30)
     assert result["entry"].num_rows == 3
+
+
+def test_cache_key_changes_with_the_weights_not_only_their_name():
+    """A re-trained model that keeps its name ("shipped", a path) must not be served the old maps."""
+    from safelib.cache import cache_key
+    from safelib.features import feature_cache_fields
+
+    def key(clip):
+        return cache_key(feature_cache_fields(clip, kind="dense", dataset="d", split="train", ids=["x"],
+                                              transform="t", views=1, view_seed=0))
+
+    same, retrained = tiny_clip(), tiny_clip()
+    assert key(same) == key(tiny_clip())
+    with torch.no_grad():
+        retrained.model.visual.layer4[0].conv1.weight.mul_(1.5)
+    assert retrained.pretrained == same.pretrained and key(retrained) != key(same)
