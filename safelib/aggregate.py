@@ -94,7 +94,11 @@ def benchmark_mean(records: pd.DataFrame, datasets: Sequence[str] | None = None)
 
 
 def summary_table(table: pd.DataFrame, metric: str = "test_acc", digits: int = 1) -> pd.DataFrame:
-    """Rows (dataset, method), one column per shot count, cells "mean ± std (n)" for printing."""
+    """Rows (dataset, method), one column per shot count, cells "mean ± std (n)" for printing.
+
+    Backbone, weights and setting join the rows' index when they vary in ``table``, so a second
+    setting of a method is a row of its own, never silently dropped.
+    """
     if f"{metric}_mean" not in table:
         raise ValueError(f"metric {metric!r} is not in the table; valid: {', '.join(METRICS)}")
     if table.empty:
@@ -106,7 +110,8 @@ def summary_table(table: pd.DataFrame, metric: str = "test_acc", digits: int = 1
         return f"{row[f'{metric}_mean']:.{digits}f}{spread} ({row['n_seeds']})"
 
     cells = table.assign(cell=table.apply(cell, axis=1))
-    return cells.pivot_table(index=["dataset", "method"], columns="shots", values="cell", aggfunc="first")
+    varying = [c for c in ("backbone", "weights", "setting") if table[c].nunique() > 1]
+    return cells.pivot(index=["dataset", "method", *varying], columns="shots", values="cell")
 
 
 def _check_columns(records: pd.DataFrame) -> None:

@@ -212,7 +212,8 @@ def plan_for_maps(dense, device: str | torch.device = "cpu", *, batch_size: int 
     if rates is None:
         key = (str(device), workload.map_shape, batch_size, str(cache_dir))
         if key not in _MEASURED:
-            _MEASURED[key] = calibrate(device, workload.map_shape, batch_size, cache_dir=cache_dir,
+            # calibrate times batches of two or more; a batch of one costs about as much per step
+            _MEASURED[key] = calibrate(device, workload.map_shape, max(2, batch_size), cache_dir=cache_dir,
                                        sample_bytes=min(64e6, 4 * workload.cache_bytes), repeats=2)
         rates = _MEASURED[key]
     root = cache_dir if cache_dir is not None else getattr(dense, "path", ".")

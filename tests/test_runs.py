@@ -303,3 +303,24 @@ def test_dense_runs_record_the_cache_plan(tmp_path, clip):
     assert plan["placement"] in ("device", "pinned", "memmap")
     assert plan["predicted"]["epoch_s"] > 0 and plan["workload"]["epochs"] == 2
     assert runs.run(_config(tmp_path, method="zero_shot"), clip=clip)["cache_plan"] is None
+
+
+def test_summary_table_keeps_every_setting_of_a_method():
+    """Two settings of one method at one shot count are two rows, not one silently dropped."""
+    rows = [dict(dataset="toy", backbone="RN50", weights="openai", method="safe", setting=setting, shots=1,
+                 seed=seed, val_acc=acc, test_acc=acc, wall_seconds=1.0)
+            for setting, acc in (("lr-a", 50.0), ("lr-b", 90.0)) for seed in (1, 2)]
+    summary = summary_table(aggregate(pd.DataFrame(rows)))
+    assert len(summary) == 2
+    assert {cell.split(" ")[0] for cell in summary[1]} == {"50.0", "90.0"}
+
+
+def test_run_grid_refuses_overrides_for_methods_it_does_not_run(tmp_path):
+    with pytest.raises(RunConfigError, match="tip_adapterf.*misspelled"):
+        runs.run_grid(TOY, ["tip_adapter_f"], [1], [1], progress=False, method_configs={"tip_adapterf": {}},
+                      cache_dir=str(tmp_path / "c"), out_dir=str(tmp_path / "r"), weights=None)
+
+
+def test_safe_with_batches_of_one_runs_through_the_planner(tmp_path, clip):
+    record = runs.run(_config(tmp_path, method="safe", method_config={"epochs": 1, "batch_size": 1}), clip=clip)
+    assert record["cache_plan"]["workload"]["batch_size"] == 1

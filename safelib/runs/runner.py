@@ -227,6 +227,10 @@ def run_grid(
     Configs are all built (and so validated) before the first run starts.
     """
     overrides = common.pop("method_configs", {}) or {}
+    unknown = sorted(set(overrides) - set(methods))
+    if unknown:
+        raise RunConfigError(f"method_configs: {unknown} are not among the methods run ({', '.join(methods)}); "
+                             "a misspelled name would silently run that method with its defaults")
     configs = [
         RunConfig(dataset=dataset, method=m, shots=k, seed=s, method_config=overrides.get(m, {}), **common)
         for s in seeds for k in shots for m in methods
