@@ -67,9 +67,10 @@ def _split_tokens(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: boo
     expected = attnpool.positional_embedding.shape[1]
     if channels != expected:
         raise ValueError(f"dense maps have {channels} channels but this attnpool expects {expected}")
-    x = dense.flatten(2)                                      # N x C x HW (a view)
+    # cached maps are fp16; compute in the pooling's own dtype (a no-op when they match)
+    x = dense.to(attnpool.q_proj.weight.dtype).flatten(2)    # N x C x HW (a view)
     mean = x.mean(dim=-1)                                     # N x C, token 0 before its p_0
-    pos = positional_embedding(attnpool, height, width, interpolate_pos).to(dense.dtype)  # (1+HW) x C
+    pos = positional_embedding(attnpool, height, width, interpolate_pos).to(x.dtype)  # (1+HW) x C
     return x, mean, pos
 
 

@@ -196,3 +196,10 @@ def test_planted_bug_is_caught(bug: str) -> None:
     dense = dense_maps(pool, 3, 10.0).double()
     truth = pool(dense)
     assert rel(mutant.attention_pool(pool, dense), truth) > 1e-6, bug
+
+
+def test_half_precision_maps_pool_with_a_float32_layer() -> None:
+    """The cache stores fp16 maps; the pooling computes in its own dtype instead of failing."""
+    pool = make_attnpool("RN50")
+    dense = dense_maps(pool, 2, 1.0).half()
+    torch.testing.assert_close(attention_pool(pool, dense), attention_pool(pool, dense.float()))
