@@ -213,6 +213,8 @@ def load_clip(
     name: RN50, RN101, RN50x4, RN50x16, RN50x64, or "miniclip" (ours, shipped, offline).
     pretrained: an open_clip tag (openai, yfcc15m, cc12m), a local weights file
         (safetensors, or a state dict loaded with weights_only=True), or None for random weights.
+        For "miniclip": "shipped" (also what None and the default mean: it has no random variant)
+        or a mini-CLIP checkpoint file.
     """
     _check_model_name(name)
     if name == MINICLIP:

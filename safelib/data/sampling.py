@@ -97,6 +97,12 @@ def sample_few_shot(data: SplitDataset | ImageSet, shots: int, seed: int,
     picked = [_draw(pool, int(val_shots), rng, replace, f"{source.name} class {source.classnames[k]!r}")
               for k, pool in enumerate(pools)] if val_shots else []
     val_set = source.subset([i for c in picked for i in c], name=f"{source.name}@{val_shots}val/seed{seed}")
+    if val_shots and len(val_set) == 0:
+        raise ValueError(
+            f"{source.name}: no image is left for the few-shot validation set ({val_shots} per class asked "
+            f"for, after drawing {shots} shots per class); use fewer shots, a dataset with a val split, or "
+            "val_shots=0 for methods that select nothing on validation"
+        )
     return shot_set, val_set
 
 
