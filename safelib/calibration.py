@@ -95,10 +95,9 @@ def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000
 
 
 def _optimizer(params: list) -> torch.optim.Optimizer:
-    from .methods import safe  # the trainer's own optimizer (fused AdamW where available)
+    from .methods.safe import adamw  # the trainer's own optimizer (fused AdamW where available)
 
-    make = getattr(safe, "adamw", None)
-    return make(params, lr=1e-6) if make else torch.optim.AdamW(params, lr=1e-6)
+    return adamw(params, lr=1e-6)
 
 
 def _trainable_copy(attnpool: nn.Module) -> nn.Module:
