@@ -162,7 +162,8 @@ def test_bad_val_shots_and_changed_labels_on_reload(tmp_path):
 
 def test_no_image_left_for_validation_is_a_clear_error():
     """One image per class and no val split: nothing is left to validate on, so say so up front."""
-    with pytest.raises(ValueError, match="no image is left for the few-shot validation set"):
+    with pytest.raises(ValueError, match="no image is left for the few-shot validation set"), \
+            pytest.warns(D.FewShotWarning, match="only 0 images left"):
         D.sample_few_shot(make_set(per_class=(1, 1, 1)), shots=1, seed=1)
     train, val = D.sample_few_shot(make_set(per_class=(1, 1, 1)), shots=1, seed=1, val_shots=0)
     assert len(train) == 3 and len(val) == 0
