@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from ..attnpool import attention_pool
 from ..features import pooled_features
+from ..placement import DeviceMaps, PlacedMaps, StreamedMaps
 from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view
-from .blend import DEFAULT_BLEND_GRID, BlendChoice, blend_features, choose_blend, class_logits, fixed_blend
+from .blend import DEFAULT_BLEND_GRID, blend_features, choose_blend, class_logits, fixed_blend
 
 # Trainable tensor sets, by attnpool submodule / parameter name prefix.
 TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
@@ -135,30 +136,17 @@ class SafeTraining:
     seconds: float = 0.0
 
 
-def _gather(dense: Tensor | Sequence[np.ndarray], views: Tensor, rows: Tensor, device: torch.device) -> Tensor:
-    """Rows ``rows`` of views ``views`` (per sample) as B x C x H x W float32 on ``device``."""
+def _as_placed(dense: Tensor | Sequence[np.ndarray] | PlacedMaps) -> PlacedMaps:
+    """The maps as ``safelib.placement`` holds them, so one piece of code assembles every batch.
+
+    A placed cache is used as given (a streamed one reads ahead while this one trains); a tensor
+    stays where it lies; per-view arrays (a ``CacheEntry``'s memmaps) are read batch by batch.
+    """
+    if isinstance(dense, PlacedMaps):
+        return dense
     if isinstance(dense, Tensor):
-        return dense[views.to(dense.device), rows.to(dense.device)].to(device, torch.float32)
-    out = None
-    for v in views.unique().tolist():  # memmapped cache views: one sorted read per view
-        pick = (views == v).nonzero().squeeze(1)
-        order = rows[pick].argsort()
-        block = torch.from_numpy(np.ascontiguousarray(dense[v][rows[pick][order].numpy()]))
-        if out is None:
-            out = torch.empty((len(rows), *block.shape[1:]), dtype=torch.float32)
-        out[pick[order]] = block.float()
-    return out.to(device)
-
-
-def _epoch_batches(dense, order: Tensor, views: Tensor, batch_size: int, device: torch.device):
-    """(rows, B x C x H x W float32 on ``device``) per step; a placed cache (``safelib.placement``)
-    assembles its own batches, which lets a streamed one read ahead while this one trains."""
-    if hasattr(dense, "epoch_batches"):
-        yield from dense.epoch_batches(order, views, batch_size, device)
-        return
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        yield rows, _gather(dense, views[rows], rows, device)
+        return DeviceMaps(dense)
+    return StreamedMaps(dense, prefetch=0, pin=False)
 
 
 def _view_count(dense: Tensor | Sequence[np.ndarray]) -> tuple[int, int]:
@@ -181,6 +169,7 @@ def train_safe(attnpool: nn.Module, dense: Tensor | Sequence[np.ndarray], labels
     training runs on ``attnpool``'s device. Deterministic under ``seed`` on a CPU.
     """
     num_views, n = _view_count(dense)
+    maps = _as_placed(dense)
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(f"labels must be N={n} class indices, got shape {tuple(labels.shape)}")
     param = next(attnpool.parameters())
@@ -204,7 +193,7 @@ def train_safe(attnpool: nn.Module, dense: Tensor | Sequence[np.ndarray], labels
         order = torch.randperm(n, generator=generator)
         views = torch.randint(num_views, (n,), generator=generator)  # a fresh cached view per image
         total_loss, correct = 0.0, 0
-        for rows, batch in _epoch_batches(dense, order, views, config.batch_size, device):  # B x C x H x W
+        for rows, batch in maps.epoch_batches(order, views, config.batch_size, device):  # B x C x H x W
             target = labels[rows.to(device)]
             autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
             with autocast:
