@@ -224,9 +224,9 @@ def load_clip(
         model = build_miniclip(CHECKPOINT if shipped else Path(pretrained))
         tokenizer = open_clip.get_tokenizer("RN50", context_length=model.context_length)
         return _wrap(name, "shipped" if shipped else str(pretrained), model, tokenizer).to(device)
+    is_file = pretrained is not None and Path(pretrained).exists()
     if pretrained is not None:
         pretrained = str(pretrained)
-        is_file = Path(pretrained).exists()
         if not is_file and pretrained not in weight_tags(name):
             if Path(pretrained).suffix:
                 raise FileNotFoundError(f"weights file {pretrained!r} does not exist")
@@ -234,7 +234,7 @@ def load_clip(
                 f"unknown weights {pretrained!r} for {name}. Valid tags: {', '.join(weight_tags(name))}; "
                 "or a path to a local weights file."
             )
-    fetching = pretrained is not None and not Path(pretrained).exists()
+    fetching = pretrained is not None and not is_file
     try:
         with _hub_offline_if_unreachable(name, pretrained) if fetching else contextlib.nullcontext():
             model = open_clip.create_model(
