@@ -1,61 +1,92 @@
 """safelib: SAFE (Semantic-Aware FinE-tuning) for few-shot ResNet CLIP.
 
-The library behind the SAFE book. Every public name the notebooks use is re-exported here.
+The library behind the SAFE book. The notebooks use only the names exported here (a test checks).
+The package is built in wings, each importing only from the wings below it (a test checks that too):
+
+    atomic       crash-safe file writes                                     (ground)
+    clip/        the model: ResNet CLIP loading, exact attention pooling, zero-shot weights, the mini-CLIP
+    data/        datasets, splits, prompt templates, the few-shot sampler, view loaders, the mini-world
+    features/    dense maps: trunk extraction, the on-disk cache, placement while training
+    methods/     zero-shot, baselines, SAFE, SAFE-A under one fit/predict protocol; SafeClassifier
+    perf/        the cache planner and the rates measured on this machine
+    runs/        RunConfig -> run() -> one JSON record; aggregation into tables
+    book/, experiments/   figures and widgets for the chapters; the mini-CLIP's pretraining and acceptance
 """
-try:
-    from ._version import __version__
-except ImportError:  # a source checkout that was never built
-    __version__ = "0+unknown"
+from ._version import __version__
 
-# --- foundation (models, attention pooling, text classifier) ---
-from .attnpool import attention_pool, attention_weights
-from .models import RESNET_MODELS, ClipModel, load_clip, random_clip, weight_tags
-from .text import IMAGENET_TEMPLATES, TEMPLATES, zero_shot_classifier
+# --- model: loading, pooling, zero-shot weights ---
+from . import clip
+from .clip import (
+    RESNET_MODELS,
+    ClipModel,
+    attention_pool,
+    attention_weights,
+    load_clip,
+    random_clip,
+    weight_tags,
+    zero_shot_classifier,
+)
+from .clip import miniclip
 
-# --- data (registry, sampler, loaders) ---
+# --- data: registry, splits, templates, sampler, loaders, the mini-world ---
 from . import data
 from .data import (
+    IMAGENET_TEMPLATES,
+    TEMPLATES,
     DatasetMissingError,
     ImageSet,
     SplitDataset,
+    TargetTask,
     ViewSpec,
     get_dataset,
     list_datasets,
     load_few_shot,
+    preprocess_images,
     sample_few_shot,
     save_few_shot,
     view_loader,
 )
-from .data import register as register_dataset
-
-# --- mini-world and mini-CLIP (issue 5: generated scenes, target-among-distractors tasks, our small CLIP) ---
-from . import miniclip
 from .data import miniworld
-from .data.miniworld_tasks import TargetTask, target_attention_mass, target_grid_masks
+from .data import register as register_dataset
+from .data.imagenet_archive import archive_imageset, extract_images, index_train_archive
+from .data.miniworld_tasks import target_attention_mass, target_cells, target_grid_masks
 
-# --- features and SAFE (issue 3: cache, SAFE training, blending, SafeClassifier) ---
-from .cache import CacheEntry, CacheError, open_entry
-from .classifier import SafeClassifier
-from .features import cache_features, cache_image_features, dense_features, feature_cache_fields, pooled_features
-from .methods.blend import BlendChoice, blend_features, choose_blend, fixed_blend, sweep_blend
-from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
+# --- features: dense maps, their cache and placement ---
+from . import features
+from .features import (
+    CacheEntry,
+    CacheError,
+    cache_features,
+    cache_image_features,
+    dense_features,
+    feature_cache_fields,
+    open_entry,
+    place_maps,
+    pooled_features,
+)
 
-# --- methods and runs (issue 6: one fit/predict protocol, run records, aggregation) ---
+# --- methods: the protocol, SAFE, blending, the baselines, the deployable classifier ---
 from . import methods
-from .aggregate import aggregate, load_records, summary_table
 from .methods import (
     METHODS,
     ClipHead,
     FewShotData,
     FewShotMethod,
     SplitFeatures,
+    accuracy,
     make_method,
     method_config,
 )
-from .runs import RunConfig, RunConfigError, run, run_grid
+from .methods.blend import BlendChoice, blend_features, choose_blend, fixed_blend, sweep_blend
+from .methods.classifier import SafeClassifier
+from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
 
-# --- performance (issue 7: cache placement planner, placed maps, calibration, ImageNet archive) ---
-from .calibration import calibrate
-from .data.imagenet_archive import archive_imageset, extract_images, index_train_archive
-from .placement import place_maps
-from .planner import PROFILES, CachePlan, DeviceProfile, PlanError, Workload, get_profile, plan_cache, profile_here
+# --- performance: where the cache lives, measured rates ---
+from .perf import PROFILES, CachePlan, DeviceProfile, PlanError, Workload, calibrate, get_profile, plan_cache, profile_here
+
+# --- runs: configs, records, tables ---
+from .runs import RunConfig, RunConfigError, provenance, read_record, run, run_grid, write_record
+from .runs.aggregate import aggregate, load_records, summary_table
+
+# --- book: figures and explorers ---
+from .book import plots, widgets

@@ -20,7 +20,7 @@ def tiny_clip() -> "sl.ClipModel":
     """A random ResNet CLIP small enough that text-side tests take milliseconds, not minutes."""
     import open_clip
 
-    from safelib.models import _wrap
+    from safelib.clip.models import _wrap
 
     torch.manual_seed(0)
     model = open_clip.CLIP(

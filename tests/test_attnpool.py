@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d
 
-import safelib.attnpool as attnpool_module
-from safelib.attnpool import attention_pool, attention_weights
+import safelib.clip.attnpool as attnpool_module
+from safelib.clip.attnpool import attention_pool, attention_weights
 
 MODELS = ("RN50", "RN101", "RN50x4")
 

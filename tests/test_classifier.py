@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import safelib as sl
-from safelib.classifier import SafeClassifier
-from safelib.features import dense_features, pooled_features
+from safelib.methods.classifier import SafeClassifier
+from safelib.features.extract import dense_features, pooled_features
 from safelib.methods.base import ClipHead, FewShotData, SplitFeatures
 from safelib.methods.blend import blend_features
 from safelib.methods.safe import Safe, SafeConfig, trainable_attnpool
@@ -109,7 +109,7 @@ def test_from_a_fitted_safe_method(clip, tmp_path):
 
 
 def test_load_without_a_model_loads_the_saved_backbone(clip, classifier, tmp_path, monkeypatch):
-    import safelib.models
+    import safelib.methods.classifier
 
     asked = []
 
@@ -117,6 +117,6 @@ def test_load_without_a_model_loads_the_saved_backbone(clip, classifier, tmp_pat
         asked.append((name, pretrained))
         return clip
 
-    monkeypatch.setattr(safelib.models, "load_clip", fake_load_clip)
+    monkeypatch.setattr(safelib.methods.classifier, "load_clip", fake_load_clip)  # where load() looks it up
     loaded = SafeClassifier.load(classifier.save(tmp_path / "c.safetensors"))
     assert asked == [("tiny", None)] and loaded.clip is clip

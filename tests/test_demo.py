@@ -1,7 +1,7 @@
 """README's main command: the offline tour runs and reports a zero-shot accuracy well above chance."""
 import re
 
-from safelib.demo import main
+from safelib.book.demo import main
 
 
 def test_demo_tours_the_shipped_mini_clip(capsys) -> None:

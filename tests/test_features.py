@@ -9,9 +9,9 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import safelib as sl
-from safelib import cache as cache_mod
-from safelib.cache import CacheError, CacheWriter, cache_key, find_entry, open_entry
-from safelib.features import cache_features, dense_features, feature_cache_fields, pooled_features, tensor_batches
+from safelib.features import cache as cache_mod
+from safelib.features.cache import CacheError, CacheWriter, cache_key, find_entry, open_entry
+from safelib.features.extract import cache_features, dense_features, feature_cache_fields, pooled_features, tensor_batches
 
 
 def tiny_clip(seed: int = 0) -> "sl.ClipModel":
@@ -237,7 +237,7 @@ def _image_set(reader, n=6):
 
 def test_image_sets_cache_their_augmented_views_and_resume_identically(clip, tmp_path, monkeypatch):
     from safelib.data import ImageViews, ViewSpec
-    from safelib.features import cache_image_features
+    from safelib.features.extract import cache_image_features
 
     fresh = cache_image_features(clip, _image_set(_Pictures()), tmp_path / "a", split="train", views=2, seed=3,
                                  batch_size=2, progress=False)
@@ -314,7 +314,7 @@ def test_too_many_batches_or_bad_views_are_refused(clip, tmp_path):
 def test_a_build_waits_for_another_builder_of_the_same_entry(clip, tmp_path):
     import threading
 
-    from safelib.cache import entry_lock
+    from safelib.features.cache import entry_lock
 
     fields = _fields(clip, 3)
     result = {}
@@ -330,8 +330,8 @@ def test_a_build_waits_for_another_builder_of_the_same_entry(clip, tmp_path):
 
 def test_cache_key_changes_with_the_weights_not_only_their_name():
     """A re-trained model that keeps its name ("shipped", a path) must not be served the old maps."""
-    from safelib.cache import cache_key
-    from safelib.features import feature_cache_fields
+    from safelib.features.cache import cache_key
+    from safelib.features.extract import feature_cache_fields
 
     def key(clip):
         return cache_key(feature_cache_fields(clip, kind="dense", dataset="d", split="train", ids=["x"],

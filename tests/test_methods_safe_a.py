@@ -74,7 +74,7 @@ def test_safe_a_tip_predicts_the_formula_on_safe_features(task):
     b, alpha, beta = method.chosen["blend"], method.chosen["adapter"]["alpha"], method.chosen["adapter"]["beta"]
     dense = test.dense[0]
     with torch.no_grad():
-        from safelib.attnpool import attention_pool
+        from safelib.clip.attnpool import attention_pool
 
         f_ft = attention_pool(method.safe.training.attnpool, dense)
         f_orig = attention_pool(data.head.attnpool, dense)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from safelib.miniclip import CHECKPOINT, build_miniclip, read_metadata
-from safelib.miniclip.config import MiniClipConfig, clip_from_config
-from safelib.miniclip.pretrain import PretrainConfig, learning_rate, pretrain, zero_shot_check
+from safelib.clip.miniclip import CHECKPOINT, build_miniclip, read_metadata
+from safelib.clip.miniclip import MiniClipConfig, clip_from_config
+from safelib.experiments.miniclip_pretrain import PretrainConfig, learning_rate, pretrain, zero_shot_check
 
 TINY = MiniClipConfig(embed_dim=32, image_size=64, vision_width=8, text_width=32, text_heads=1, text_layers=1)
 
@@ -68,7 +68,7 @@ def _check_deterministic_and_resumes(tmp_path):
 
 
 def test_export_roundtrip_is_fp16_with_config_metadata(tmp_path):
-    from safelib.miniclip.pretrain import export_checkpoint
+    from safelib.experiments.miniclip_pretrain import export_checkpoint
 
     cfg = tiny_cfg()
     torch.manual_seed(0)
@@ -135,7 +135,7 @@ def test_load_clip_miniclip_through_the_public_api():
 @pytest.mark.slow
 def test_safe_comparison_regression():
     """A small, deterministic version of the issue-5 table: SAFE should beat zero-shot and look at the target."""
-    from safelib.miniclip.evaluate import EvalConfig, evaluate, markdown_table
+    from safelib.experiments.miniclip_eval import EvalConfig, evaluate, markdown_table
 
     config = EvalConfig(task="miniworld_colour_largest", shots=8, seeds=(1,), pool_per_class=(8, 4, 20),
                         rows=("zero-shot", "SAFE (all)"),
@@ -150,7 +150,7 @@ def test_safe_comparison_regression():
 
 
 def test_init_from_starts_a_phase_from_given_weights(tmp_path):
-    from safelib.miniclip.pretrain import export_checkpoint
+    from safelib.experiments.miniclip_pretrain import export_checkpoint
 
     torch.manual_seed(3)
     start = clip_from_config(TINY.to_open_clip()).eval()

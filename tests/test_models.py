@@ -6,7 +6,7 @@ from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
 import safelib as sl
-from safelib.models import uses_quick_gelu
+from safelib.clip.models import uses_quick_gelu
 
 
 def text_activation(clip: sl.ClipModel) -> type:

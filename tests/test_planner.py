@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from safelib.calibration import calibrate, synthetic_attnpool
+from safelib.perf.calibration import calibrate, synthetic_attnpool
 from safelib.data.imagenet_archive import archive_imageset, extract_images, index_train_archive
 from safelib.data.sampling import sample_few_shot
 from safelib.data.splits import read_class_folders
 from safelib.methods.safe import SafeConfig, train_safe
-from safelib.placement import DeviceMaps, StreamedMaps, place_maps
-from safelib.planner import (GB, PROFILES, CachePlan, DeviceProfile, PlanError, Rates, Workload, get_profile,
+from safelib.features.maps import DeviceMaps, StreamedMaps, place_maps
+from safelib.perf.planner import (GB, PROFILES, CachePlan, DeviceProfile, PlanError, Rates, Workload, get_profile,
                              plan_cache, predict_epoch)
 
 RATES = Rates(step_s=0.01, map_s=1e-3, gather_Bps={"device": 1e10, "pinned": 1e9, "memmap_warm": 5e8,
@@ -255,8 +255,8 @@ def test_bytes_an_epoch_moves_are_what_the_planner_predicts(tmp_path, small_task
 
 
 def test_plan_for_maps_measures_once_and_places_a_cache_entry(tmp_path, small_task):
-    from safelib.cache import CacheWriter
-    from safelib.calibration import _MEASURED, plan_for_maps
+    from safelib.features.cache import CacheWriter
+    from safelib.perf.calibration import _MEASURED, plan_for_maps
 
     _, dense, _, _ = small_task
     writer = CacheWriter(tmp_path / "cache", {"kind": "dense", "test": 1}, rows=20, item_shape=(64, 2, 2), views=3)

@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import safelib as sl  # noqa: E402
-from safelib import plots  # noqa: E402
+from safelib.book import plots  # noqa: E402
 
 
 def _attention(n: int = 3, heads: int = 2, grid: int = 4) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_accuracy_vs_shots_from_records(tmp_path):
 
 def test_widget_explorers_build_and_update():
     pytest.importorskip("ipywidgets")
-    from safelib import widgets
+    from safelib.book import widgets
 
     images = [np.zeros((16, 16, 3), dtype=np.uint8) for _ in range(3)]
     explorer = widgets.attention_explorer(images, _attention(), _attention(), np.ones((3, 4, 4), np.float32),

@@ -19,7 +19,7 @@ import safelib.runs.records as records
 import safelib.runs.runner as runner
 from safelib.runs.__main__ import main as cli_main
 from safelib import data
-from safelib.aggregate import BENCHMARK_MEAN, aggregate, benchmark_mean, load_records, summary_table
+from safelib.runs.aggregate import BENCHMARK_MEAN, aggregate, benchmark_mean, load_records, summary_table
 from safelib.runs import RunConfig, RunConfigError, read_record, run, write_record
 from test_features import tiny_clip
 
@@ -129,7 +129,9 @@ def test_run_writes_a_complete_record_and_resumes(tmp_path, clip, monkeypatch):
     assert record["config"]["method_config"]["alphas"] == list(sl.methods.TipAdapterConfig().alphas)
 
     # A rerun finds the record and does no work at all.
-    monkeypatch.setattr(sl.methods, "make_method", lambda *a, **k: pytest.fail("a finished run was redone"))
+    import safelib.runs.runner
+
+    monkeypatch.setattr(safelib.runs.runner, "make_method", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert run(config, clip=clip) == read_record(path)
 
 
@@ -282,7 +284,7 @@ def test_cli_runs_the_grid_and_prints_the_table(tmp_path, clip, monkeypatch, cap
 @pytest.mark.slow
 def test_every_method_beats_chance_with_the_shipped_miniclip(tmp_path):
     """All methods, 16 shots, one seed, on the target-among-distractors task (6-way: chance 16.7 %)."""
-    from safelib.miniclip import CHECKPOINT
+    from safelib.clip.miniclip import CHECKPOINT
 
     if not CHECKPOINT.is_file():
         pytest.skip("the mini-CLIP checkpoint is not shipped in this checkout")

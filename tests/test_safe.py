@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safelib.cache import CacheWriter
-from safelib.features import dense_features, pooled_features
+from safelib.features.cache import CacheWriter
+from safelib.features.extract import dense_features, pooled_features
 from safelib.methods.base import ClipHead, FewShotData, SplitFeatures
 from safelib.methods.blend import (BlendChoice, blend_features, choose_blend, class_logits, fixed_blend,
                                    sweep_blend)
@@ -103,7 +103,7 @@ def test_choose_blend_prefers_accuracy_then_cross_entropy_then_the_middle():
 
 
 def test_sweep_costs_no_pooling(monkeypatch):
-    import safelib.attnpool as attnpool_module
+    import safelib.clip.attnpool as attnpool_module
     monkeypatch.setattr(attnpool_module, "attention_pool", None)
     f_ft, f_orig, labels, text = _val_features()
     assert len(sweep_blend(f_ft, f_orig, labels, text, 100.0, grid=[0.0, 1.0])) == 2

@@ -2,7 +2,7 @@
 
 Why it exists: offline, nobody can reach real CLIP weights, yet SAFE's point (re-weight *where*
 the attention pooling looks) needs a model whose pooling learned something, in a world where we
-know which region matters. This module draws that world; `safelib.miniclip` pretrains a small
+know which region matters. This module draws that world; `safelib.experiments.miniclip_pretrain` pretrains a small
 ResNet CLIP on its captions, and the few-shot tasks in `safelib.data.miniworld_tasks` ask about
 one designated object while others distract.
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .imageset import ImageSet
 from .splits import Splits
+from .templates import TEMPLATES
 
 KINDS = ("benchmark", "domain-shift", "offline", "generated", "custom")
 Build = Callable[..., Splits]
@@ -32,7 +33,7 @@ class DatasetSpec:
     dataset's folder under the data root (CoOp's name), or None when it has no files there
     (installed packages, generated sets); ``required`` lists paths inside it that must exist.
     ``missing(dataset_dir)``, when given, replaces the ``required`` check and returns what is
-    missing, in words. ``templates`` None means ``safelib.text.TEMPLATES[name]``.
+    missing, in words. ``templates`` None means ``safelib.data.templates.TEMPLATES[name]``.
     """
 
     name: str
@@ -80,12 +81,10 @@ class DatasetSpec:
     def prompt_templates(self) -> tuple[str, ...]:
         if self.templates is not None:
             return self.templates
-        from .. import text  # lazy: the data layer does not need the text layer to import
-
-        if self.name not in text.TEMPLATES:
+        if self.name not in TEMPLATES:
             raise KeyError(f"dataset {self.name!r} has no templates: pass templates= to register(), or add it "
-                           f"to safelib.text.TEMPLATES (which has {sorted(text.TEMPLATES)})")
-        return tuple(text.TEMPLATES[self.name])
+                           f"to safelib.data.templates.TEMPLATES (which has {sorted(TEMPLATES)})")
+        return tuple(TEMPLATES[self.name])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
@@ -50,3 +52,14 @@ def eval_transform(size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[f
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def preprocess_images(images: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
+                      std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """uint8 images B x S x S x 3 -> normalised float32 B x 3 x S x S.
+
+    The batched equivalent of `eval_transform` for images already at the model's size (the
+    mini-world renders at it), without a round trip through PIL.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)  # BHWC -> BCHW
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

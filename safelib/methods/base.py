@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..features.extract import pooled_features
 
 __all__ = [
     "SplitFeatures",
@@ -68,7 +69,7 @@ class SplitFeatures:
     ``dense`` are the frozen trunk's maps for the same views; SAFE trains on them.
     Either may be absent, not both. Each is a tensor ``V x N x ...`` on any device and in any
     float dtype (the cache stores fp16), or a sequence of per-view arrays such as a
-    ``safelib.cache.CacheEntry`` (memory-mapped, so dense maps need not fit in RAM).
+    ``safelib.features.cache.CacheEntry`` (memory-mapped, so dense maps need not fit in RAM).
     Methods cast to float32 where they compute.
     """
 
@@ -195,7 +196,6 @@ def pool_split(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor
         return as_tensor(split.pooled).to(device)
     if head.attnpool is None:
         raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
-    from safelib.features import pooled_features  # the exact fast pooling, batched
 
     views = [pooled_features(head.attnpool, view_tensor(view), batch) for view in split.dense]
     return torch.stack(views).to(device)

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..attnpool import attention_pool
-from ..features import pooled_features
-from ..placement import DeviceMaps, PlacedMaps, StreamedMaps
+from ..clip.attnpool import attention_pool
+from ..features.extract import pooled_features
+from ..features.maps import DeviceMaps, PlacedMaps, StreamedMaps
 from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view
 from .blend import DEFAULT_BLEND_GRID, blend_features, choose_blend, class_logits, fixed_blend
 
@@ -58,7 +58,7 @@ class SafeConfig(MethodConfig):
     amp: mixed precision (fp16 autocast + grad scaling), used only on CUDA.
     The seed is not here: it comes with the data (``FewShotData.seed``), shared by every method.
 
-    epochs=30 and lr=1e-3 are what the mini-CLIP acceptance runs used (``safelib.miniclip.evaluate``);
+    epochs=30 and lr=1e-3 are what the mini-CLIP acceptance runs used (``safelib.experiments.miniclip_eval``);
     a first choice of 20 epochs at 1e-4 left SAFE under-trained there (about 60 steps at 16 shots:
     +8 points over zero-shot on the shape task instead of +16). They are not measured on OpenAI's
     RN50, whose weights are out of reach offline: sweep ``lr`` when you change backbone.
@@ -137,7 +137,7 @@ class SafeTraining:
 
 
 def _as_placed(dense: Tensor | Sequence[np.ndarray] | PlacedMaps) -> PlacedMaps:
-    """The maps as ``safelib.placement`` holds them, so one piece of code assembles every batch.
+    """The maps as ``safelib.features.maps`` holds them, so one piece of code assembles every batch.
 
     A placed cache is used as given (a streamed one reads ahead while this one trains); a tensor
     stays where it lies; per-view arrays (a ``CacheEntry``'s memmaps) are read batch by batch.

@@ -1,16 +1,16 @@
 """Runs and their records: the only source of the book's numbers.
 
 ``run(RunConfig(...))`` runs one method on one few-shot sample and writes one JSON record;
-``run_grid`` runs many and skips finished ones; ``safelib.aggregate`` reads records back into
-tables. From a shell::
+``run_grid`` runs many and skips finished ones; ``aggregate`` reads records back into tables. From a shell::
 
     python -m safelib.runs --dataset miniworld_shape_largest --methods all --shots 1 2 4 8 16 --seeds 1 2 3
 """
 from .config import RunConfig, RunConfigError
 from .records import RECORD_FORMAT, RECORD_SUFFIX, provenance, read_record, write_record
 from .runner import feature_kind, run, run_grid
+from .aggregate import aggregate, load_records, summary_table
 
 __all__ = [
-    "RECORD_FORMAT", "RECORD_SUFFIX", "RunConfig", "RunConfigError", "feature_kind", "provenance", "read_record",
-    "run", "run_grid", "write_record",
+    "RECORD_FORMAT", "RECORD_SUFFIX", "RunConfig", "RunConfigError", "aggregate", "feature_kind", "load_records", "provenance", "read_record",
+    "run", "run_grid", "summary_table", "write_record",
 ]

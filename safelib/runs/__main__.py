@@ -15,12 +15,13 @@ from pathlib import Path
 
 from .config import RunConfigError
 from .runner import run_grid
+from ..methods import METHODS
+from .aggregate import aggregate, load_records, summary_table
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ..methods import METHODS
 
     parser = argparse.ArgumentParser(
         prog="python -m safelib.runs",
@@ -60,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     except RunConfigError as error:
         parser.error(str(error))
-    from ..aggregate import aggregate, load_records, summary_table
 
     table = aggregate(load_records(Path(args.out_dir) / args.dataset))
     table = table[table["method"].isin(methods) & table["shots"].isin(args.shots)]

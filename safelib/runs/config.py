@@ -18,6 +18,9 @@ import numpy as np
 import torch
 
 from .records import RECORD_SUFFIX, jsonable
+from .. import data
+from ..clip.models import valid_model_names
+from ..methods import METHODS, method_config
 
 # Fields that say where things live or how fast they run, not what is computed: left out of
 # the run's identity, so moving a cache or switching worker count never reruns a finished run.
@@ -61,9 +64,6 @@ class RunConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        from .. import data
-        from ..methods import METHODS, method_config
-        from ..models import valid_model_names
 
         _check(self.dataset in data.list_datasets(), "dataset",
                f"unknown dataset {self.dataset!r}; registered: {', '.join(data.list_datasets())}")

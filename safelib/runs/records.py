@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write_json
+from .._version import __version__
 
 RECORD_FORMAT = "safelib.run/1"
 RECORD_SUFFIX = ".run.json"
@@ -30,7 +31,6 @@ LIBRARIES = ("torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn",
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict[str, Any]:
     """Package version (stamped at build), git commit when run from a checkout, library versions."""
-    from .. import __version__
 
     libraries = {}
     for name in LIBRARIES:

@@ -24,6 +24,14 @@ import torch
 
 from .config import RunConfig, RunConfigError
 from .records import RECORD_FORMAT, jsonable, provenance, read_record, write_record
+from .. import data
+from ..clip.models import load_clip
+from ..clip.text import zero_shot_classifier
+from ..data import get_dataset
+from ..features.extract import cache_image_features
+from ..features.maps import place_maps
+from ..methods import METHODS, ClipHead, FewShotData, SplitFeatures, accuracy, make_method
+from ..perf.calibration import plan_for_maps
 
 
 def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -37,8 +45,6 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
     path = config.record_path()
     if path.exists() and not overwrite:
         return read_record(path)
-    from .. import data
-    from ..methods import ClipHead, FewShotData, make_method
 
     stages = StageTimer(torch.device(config.device))
     with stages("load_model"):
@@ -73,7 +79,6 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
     with stages("predict"):
         val_logits = method.predict(splits["val"])
         test_logits = method.predict(splits["test"])
-    from ..methods import accuracy
 
     record = {
         "format": RECORD_FORMAT,
@@ -107,9 +112,6 @@ def _placed_train_maps(train: Any, method_config: Any, config: RunConfig) -> tup
     The plan, with its predicted bytes and seconds per epoch from rates measured on this machine,
     goes into the record, so a run's speed can be checked against what was expected.
     """
-    from ..calibration import plan_for_maps
-    from ..methods import SplitFeatures
-    from ..placement import place_maps
 
     training = getattr(method_config, "safe", method_config)  # SAFE-A nests SAFE's settings
     plan = plan_for_maps(train.dense, config.device, batch_size=training.batch_size, epochs=training.epochs,
@@ -120,7 +122,6 @@ def _placed_train_maps(train: Any, method_config: Any, config: RunConfig) -> tup
 
 def feature_kind(method: str) -> str:
     """What a method needs cached: dense maps if it pools them itself (SAFE, SAFE-A), else pooled features."""
-    from ..methods import METHODS
 
     return getattr(METHODS[method], "feature_kind", "pooled")
 
@@ -138,14 +139,12 @@ def _checked_clip(config: RunConfig, clip: Any) -> Any:
 
 @functools.lru_cache(maxsize=2)
 def _load_clip(backbone: str, weights: str | None, device: str) -> Any:
-    from ..models import load_clip
 
     return load_clip(backbone, weights, device=device)
 
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, root: str | None, options_json: str) -> Any:
-    from ..data import get_dataset
 
     return get_dataset(name, root, **json.loads(options_json))
 
@@ -154,7 +153,6 @@ _CLASSIFIERS: dict[tuple[int, tuple[str, ...], tuple[str, ...]], torch.Tensor] =
 
 
 def _text_classifier(clip: Any, classnames: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-    from ..text import zero_shot_classifier
 
     key = (id(clip.model), tuple(classnames), tuple(templates))
     if key not in _CLASSIFIERS:
@@ -166,8 +164,6 @@ def _text_classifier(clip: Any, classnames: tuple[str, ...], templates: tuple[st
 def _split_features(clip: Any, config: RunConfig, images: Any, split: str, kind: str, views: int,
                     progress: bool) -> Any:
     """The split's cached features (extracted on a miss) as a ``SplitFeatures`` over memmaps."""
-    from ..features import cache_image_features
-    from ..methods import SplitFeatures
 
     entry = cache_image_features(
         clip, images, config.cache_dir, split=split, kind=kind, views=views,

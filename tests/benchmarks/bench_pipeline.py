@@ -34,13 +34,13 @@ from PIL import Image
 
 import safelib as sl
 import safelib.methods.safe as safe_module
-from safelib.cache import CacheWriter
-from safelib.calibration import calibrate
+from safelib.features.cache import CacheWriter
+from safelib.perf.calibration import calibrate
 from safelib.data import ImageSet, ViewSpec
 from safelib.data.loading import ImageViews
 from safelib.methods.safe import SafeConfig, train_safe
-from safelib.placement import place_maps
-from safelib.planner import GB, Workload, plan_cache, profile_here
+from safelib.features.maps import place_maps
+from safelib.perf.planner import GB, Workload, plan_cache, profile_here
 
 FULL_CLASSES, SHOTS, VIEWS = 1000, 16, 10
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import safelib as sl
-from safelib.cache import CacheWriter
+from safelib.features.cache import CacheWriter
 from safelib.methods.blend import class_logits
 from safelib.methods.safe import SafeConfig, adamw, train_safe, trainable_attnpool
 

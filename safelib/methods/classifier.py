@@ -19,9 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_path
-from .attnpool import attention_pool
-from .methods.blend import blend_features, class_logits
+from ..atomic import atomic_path
+from ..clip.attnpool import attention_pool
+from ..clip.models import load_clip
+from .blend import blend_features, class_logits
 
 FILE_FORMAT = "safelib.SafeClassifier/1"
 
@@ -120,7 +121,6 @@ class SafeClassifier(nn.Module):
             raise ValueError(f"{path} is not a SafeClassifier file (format {meta.get('format')!r}, "
                              f"expected {FILE_FORMAT!r})")
         if clip is None:
-            from .models import load_clip
             clip = load_clip(meta["backbone"], meta["weights"] or None)
         if clip.name != meta["backbone"]:
             raise ValueError(f"{path} was fitted on backbone {meta['backbone']!r}; it cannot run on {clip.name!r}. "

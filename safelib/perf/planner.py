@@ -9,7 +9,7 @@ SAFE epoch reads one cached view of every image, so the cache can live in one of
     memmap  the cache format's per-view files, read in batches; the OS page cache keeps what RAM allows
 
 The planner takes the fastest place the cache fits in, with the sizes written down, and predicts
-the epoch from rates *measured* on the machine (``safelib.calibration``): bytes read from disk,
+the epoch from rates *measured* on the machine (``safelib.perf.calibration``): bytes read from disk,
 bytes copied to the device, and the attnpool's compute per map. A plan that fits nowhere is refused
 with the numbers. ``CachePlan.as_record()`` is the plain dict a run record stores.
 Taught in the book's "SAFE at ImageNet scale" chapter (notebooks/04_scale.ipynb).
@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..features.maps import PLACEMENTS
+
 GB = 1e9
 GIB = 2 ** 30
-PLACEMENTS = ("device", "pinned", "memmap")  # fastest first
 KINDS = ("cuda", "cpu")
 
 
@@ -306,7 +307,7 @@ def plan_cache(workload: Workload, profile: DeviceProfile, rates: Rates | None =
     rates = rates or profile.nominal
     if rates is None:
         raise ValueError(f"profile {profile.name!r} has no nominal rates: measure them with "
-                         "safelib.calibration.calibrate(device) and pass rates=")
+                         "safelib.perf.calibration.calibrate(device) and pass rates=")
     fits = {}
     for place in profile.placements:
         budget = profile.budget(place)

@@ -1,6 +1,6 @@
 """The dense-map cache placed where the planner said, handing SAFE's trainer one batch at a time.
 
-Three homes for ``V x N x C x H x W`` fp16 maps (``safelib.planner``):
+Three homes for ``V x N x C x H x W`` fp16 maps (``safelib.perf.planner``):
 
     DeviceMaps    one tensor in the training device's memory; a batch is an index on the device
     PinnedMaps    one page-locked host tensor; rows gathered into a pinned buffer, copied asynchronously
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .planner import PLACEMENTS, CachePlan
+PLACEMENTS = ("device", "pinned", "memmap")  # fastest first
 
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -214,13 +214,13 @@ def _materialise(views: Sequence, device: torch.device, pin: bool, chunk_rows: i
     return out
 
 
-def place_maps(dense, plan: CachePlan | str, device: str | torch.device = "cpu", prefetch: int = 2) -> PlacedMaps:
+def place_maps(dense, plan, device: str | torch.device = "cpu", prefetch: int = 2) -> PlacedMaps:
     """The maps (cache entry, per-view arrays, or a V x N x ... tensor) in ``plan``'s placement.
 
-    ``plan`` is a ``CachePlan`` or a placement name ("device", "pinned", "memmap"). "pinned" needs CUDA:
+    ``plan`` is a placement name ("device", "pinned", "memmap") or a ``CachePlan`` (its ``placement``). "pinned" needs CUDA:
     page-locked memory only speeds up copies to a GPU.
     """
-    placement = plan.placement if isinstance(plan, CachePlan) else plan
+    placement = plan if isinstance(plan, str) else plan.placement
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}; valid: {', '.join(PLACEMENTS)}")
     device = torch.device(device)

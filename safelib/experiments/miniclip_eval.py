@@ -1,6 +1,6 @@
 """Does SAFE help the mini-CLIP where we know which region matters?
 
-    python -m safelib.miniclip.evaluate --out runs/miniclip_eval/shape_largest.json
+    python -m safelib.experiments.miniclip_eval --out runs/miniclip_eval/shape_largest.json
 
 On a target-among-distractors task (default: the shape of the one large object among small
 distractors of any shape) this fits, per few-shot seed, zero-shot CLIP, a linear probe on the
@@ -21,14 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attnpool import attention_weights
+from ..clip.attnpool import attention_weights
+from ..clip.models import load_clip
+from ..clip.text import zero_shot_classifier
 from ..data import get_dataset, sample_few_shot
 from ..data import miniworld_tasks as mt
-from ..features import dense_features
+from ..features.extract import dense_features
 from ..methods import ClipHead, FewShotData, SplitFeatures, make_method
 from ..methods.base import accuracy
-from ..models import load_clip
-from ..text import zero_shot_classifier
+from ..runs import provenance, write_record
 
 # Row label -> (method name, config). SAFE's settings are ours, fixed before looking at test.
 ROWS: dict[str, tuple[str, dict]] = {
@@ -125,7 +126,6 @@ def evaluate(config: EvalConfig = EvalConfig(), clip=None, progress: bool = True
                      "target_mass_mean": float(np.mean([r["target_mass"] for r in runs])),
                      "target_mass_min_gain": float(min(r["target_mass"] - original_mass for r in runs))}
                for row, runs in per_seed.items()}
-    from ..runs import provenance
 
     return {"kind": "miniclip_safe_comparison", "config": asdict(config), "provenance": provenance(),
             "original_target_mass": original_mass, "per_seed": per_seed, "summary": summary,
@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> None:
     config = EvalConfig(task=a.task, shots=a.shots, seeds=tuple(a.seeds), checkpoint=a.checkpoint,
                         safe=json.loads(a.safe))
     record = evaluate(config)
-    from ..runs import write_record
 
     write_record(a.out, record)
     print(markdown_table(record))

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from .runs import RECORD_SUFFIX, read_record
+from ..data import list_datasets
+from .records import RECORD_SUFFIX, read_record
 
 BENCHMARK_MEAN = "mean (11 datasets)"
 GROUP = ["dataset", "backbone", "weights", "method", "setting", "shots"]
@@ -77,7 +78,6 @@ def benchmark_mean(records: pd.DataFrame, datasets: Sequence[str] | None = None)
     them), then mean and std over those seeds. Groups missing a dataset get no row."""
     _check_columns(records)
     if datasets is None:
-        from .data import list_datasets
 
         datasets = list_datasets(kind="benchmark")
     datasets = list(datasets)

@@ -16,6 +16,7 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from ..data.miniworld_tasks import target_cells
 
 __all__ = [
     "attention_grid",
@@ -69,7 +70,6 @@ def _draw(ax, image, heat: np.ndarray, coverage: np.ndarray | None, vmax: float,
     ax.imshow(heat, cmap=_HEAT, alpha=0.5, vmin=0, vmax=vmax, extent=(0, width, height, 0),
               interpolation="nearest")
     if coverage is not None:
-        from .data.miniworld_tasks import target_cells
 
         side = coverage.shape[-1]
         cell_w, cell_h = width / side, height / side

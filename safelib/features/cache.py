@@ -2,7 +2,7 @@
 
 SAFE trains only ``attnpool``, so the frozen trunk runs once per image view and everything after
 reads these arrays. This module is the format and nothing else (no CLIP, no images): it is the
-single source of truth that ``safelib.features`` writes and every method reads. Where the arrays
+single source of truth that ``safelib.features.extract`` writes and every method reads. Where the arrays
 then live while training (GPU, pinned RAM, memmap streamed in chunks) is the caller's choice.
 
 One entry is a folder ``<root>/<key>/``::
@@ -32,7 +32,7 @@ from typing import Any, Iterator, Literal, Mapping
 import numpy as np
 import torch
 
-from .atomic import atomic_write_json
+from ..atomic import atomic_write_json
 
 try:
     import fcntl

@@ -1,6 +1,6 @@
 """A two-minute, offline tour: load a CLIP, pool, classify, and say what happened.
 
-    python -m safelib.demo [--images 60] [--seed 0] [--weights PATH]
+    python -m safelib.book.demo [--images 60] [--seed 0] [--weights PATH]
 
 It uses the shipped mini-CLIP and freshly drawn mini-world shapes, so it needs no download.
 """
@@ -11,8 +11,10 @@ import time
 
 import torch
 
-from . import attention_pool, attention_weights, load_clip, zero_shot_classifier
-from .data.miniworld import SHAPE_TEMPLATES, SHAPES, make_scene
+from ..clip.attnpool import attention_pool, attention_weights
+from ..clip.models import load_clip
+from ..clip.text import zero_shot_classifier
+from ..data.miniworld import SHAPE_TEMPLATES, SHAPES, make_scene
 
 
 def main(argv: list[str] | None = None) -> None:

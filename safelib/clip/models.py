@@ -22,6 +22,7 @@ from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from .attnpool import attention_pool
+from .miniclip import CHECKPOINT, build_miniclip
 
 # Every open_clip ResNet CLIP and the weight tags open_clip knows for it.
 RESNET_MODELS: tuple[str, ...] = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -218,7 +219,6 @@ def load_clip(
     """
     _check_model_name(name)
     if name == MINICLIP:
-        from .miniclip import CHECKPOINT, build_miniclip
         # the default tag ("openai") means "the weights this model comes with": the shipped ones
         shipped = pretrained in (None, "shipped", "openai")
         model = build_miniclip(CHECKPOINT if shipped else Path(pretrained))

@@ -2,7 +2,7 @@
 
 Everything below ``attnpool`` is frozen, so a dense map (N x C x H x W, RN50: 2048 x 7 x 7) depends
 only on the image view and the weights: the trunk runs once per view, the maps go to the cache
-(``safelib.cache``, fp16), and SAFE's training epochs only ever read them. Methods that need only
+(``safelib.features.cache``, fp16), and SAFE's training epochs only ever read them. Methods that need only
 pooled features (zero-shot, linear probe, adapters) cache N x D features the same way.
 Taught in the book's "Caching the trunk" section.
 """
@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .attnpool import attention_pool
+from ..clip.attnpool import attention_pool
+from ..data import ImageViews, ViewSpec, collate_views
 from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
@@ -184,7 +185,6 @@ def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, k
     """
     from torch.utils.data import DataLoader, Subset
 
-    from .data import ImageViews, ViewSpec, collate_views
 
     spec = ViewSpec.for_clip(clip, views=views, seed=seed)
     fields = feature_cache_fields(clip, kind=kind, dataset=dataset or images.name, split=split,

@@ -1,7 +1,7 @@
 """Optional ipywidgets explorers for the SAFE book (install the ``book`` extra for ipywidgets).
 
 They only re-draw what a notebook has already computed, one image or one blend at a time, with
-the figures of ``safelib.plots``. The rendered book shows the static figures instead; these are
+the figures of ``safelib.book.plots``. The rendered book shows the static figures instead; these are
 for readers running the notebooks in Jupyter or Colab.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from ..methods.blend import sweep_blend
+from .plots import attention_before_after
 
 __all__ = ["attention_explorer", "blend_explorer"]
 
@@ -26,13 +28,12 @@ def attention_explorer(images: Sequence, before: torch.Tensor, after: torch.Tens
                        coverage: np.ndarray | None = None, titles: Sequence[str] | None = None):
     """A slider over images: the original and fine-tuned pooling's attention on the chosen one.
 
-    images, before, after, coverage, titles: as for ``safelib.plots.attention_before_after``, for
+    images, before, after, coverage, titles: as for ``safelib.book.plots.attention_before_after``, for
     all N images; the widget shows one at a time. Returns the widget (display it, or let Jupyter).
     """
     import matplotlib.pyplot as plt
     from IPython.display import display
 
-    from .plots import attention_before_after
 
     widgets = _widgets()
     if not len(images) == len(before) == len(after):
@@ -61,7 +62,6 @@ def blend_explorer(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tenso
     Use it on validation features to see the choice SAFE makes; on test features only to look,
     never to choose.
     """
-    from .methods.blend import sweep_blend
 
     widgets = _widgets()
     label = widgets.HTML()

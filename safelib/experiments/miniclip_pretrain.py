@@ -4,10 +4,10 @@ The shipped checkpoint was made in two phases (about 25 minutes on 1 CPU thread;
 `safelib/assets/miniclip_pretrain*.json`):
 
     # phase 1: every batch in groups of 6 shape variants of 1-3 object scenes; stopped at step 966
-    python -m safelib.miniclip.pretrain --threads 1 --stop-at-step 966 --work-dir runs/miniclip_phase1 \
+    python -m safelib.experiments.miniclip_pretrain --threads 1 --stop-at-step 966 --work-dir runs/miniclip_phase1 \
         --out runs/miniclip_phase1/phase1.safetensors --export-dtype float32 --log runs/miniclip_phase1/log.json
     # phase 2: from phase 1's weights; 80% single-object shape-variant groups (6-way shape contrast)
-    python -m safelib.miniclip.pretrain --threads 1 --work-dir runs/miniclip \
+    python -m safelib.experiments.miniclip_pretrain --threads 1 --work-dir runs/miniclip \
         --init-from runs/miniclip_phase1/phase1.safetensors --steps 1500 --lr 5e-4 --min-lr 1e-5 \
         --warmup-steps 50 --variant-fraction 0.8 --variant-objects 1 1
 
@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_json
 from ..data import miniworld as mw
-from . import CHECKPOINT, META_KEY, get_tokenizer, preprocess_images
-from .config import MiniClipConfig, clip_from_config
+from ..clip.miniclip import CHECKPOINT, META_KEY, MiniClipConfig, build_miniclip, clip_from_config, get_tokenizer
+from ..data.transforms import preprocess_images
 
 LOG_PATH = CHECKPOINT.with_name("miniclip_pretrain.json")
 
@@ -275,7 +275,6 @@ def pretrain(
         summary = {"steps_done": log["step"], "wall_s": round(log["wall_s"], 1), "final_loss": float(np.mean(log["losses"][-50:])),
                    "stopped_early": stopped_early}
         export_checkpoint(model, cfg, summary, Path(out), dtype=export_dtype)
-        from . import build_miniclip
         log["zero_shot_fp16"] = zero_shot_check(build_miniclip(out), cfg.model, n_per_class=50, seed=999)
         log["checkpoint_bytes"] = Path(out).stat().st_size
     if log_path is not None:

@@ -6,7 +6,7 @@ data shaped like the real maps, in a few seconds:
 
     compute   SAFE's optimizer step (fast attnpool forward + backward, logits, AdamW) at two batch
               sizes, fitted as step_s + batch * map_s
-    gather    assembling batches from each placement the device has (``safelib.placement``)
+    gather    assembling batches from each placement the device has (``safelib.features.maps``)
     h2d       pinned host -> GPU copies (CUDA only)
     disk      reading a freshly written memmap after asking the OS to drop its pages (cold), and again (warm)
 """
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attnpool import attention_pool
-from .placement import DeviceMaps, PinnedMaps, StreamedMaps, drop_page_cache
-from .planner import Rates
+from ..clip.attnpool import attention_pool
+from ..features.maps import DeviceMaps, PinnedMaps, StreamedMaps, drop_page_cache
+from ..methods.safe import adamw, trainable_attnpool
+from .planner import Rates, Workload, plan_cache, profile_here
 
 
 def _sync(device: torch.device) -> None:
@@ -95,13 +96,11 @@ def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000
 
 
 def _optimizer(params: list) -> torch.optim.Optimizer:
-    from .methods.safe import adamw  # the trainer's own optimizer (fused AdamW where available)
 
     return adamw(params, lr=1e-6)
 
 
 def _trainable_copy(attnpool: nn.Module) -> nn.Module:
-    from .methods.safe import trainable_attnpool  # the trainer's own rule for what learns
 
     return trainable_attnpool(attnpool, "all")
 
@@ -204,7 +203,6 @@ def plan_for_maps(dense, device: str | torch.device = "cpu", *, batch_size: int 
     the ``CachePlan``; ``place_maps(dense, plan, device)`` then puts them there, and ``plan.as_record()``
     goes into the run record. Raises ``PlanError`` (with the sizes) when the maps fit nowhere.
     """
-    from .planner import Workload, plan_cache, profile_here
 
     device = torch.device(device)
     workload = Workload.from_maps(dense, batch_size=batch_size, epochs=epochs)

@@ -1,0 +1,7 @@
+"""What the chapters show: seaborn figures, ipywidgets explorers, and the short tour (``python -m safelib.book.demo``).
+
+Top wing: it may import any other; nothing in the library imports it.
+"""
+from . import plots, widgets
+
+__all__ = ["plots", "widgets"]

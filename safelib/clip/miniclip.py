@@ -1,0 +1,134 @@
+"""The mini-CLIP: a small ResNet CLIP pretrained by us on the mini-world, shipped with safelib.
+
+Its architecture is an open_clip ``CLIP`` with a ModifiedResNet vision tower. Why these sizes:
+they train on a 2-core CPU in under an hour, yet keep every part SAFE touches: a real ``attnpool``
+(8 heads over a 4 x 4 grid of 512-channel tokens plus the mean token) and a text transformer fed by
+the standard CLIP tokenizer, so prompts work as they do for RN50.
+
+It is the offline default model: ``load_clip("miniclip")`` calls ``build_miniclip()``. How
+``CHECKPOINT`` was made: ``safelib/experiments/miniclip_pretrain.py``; its log: ``safelib/assets/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import open_clip
+from open_clip.factory import set_model_preprocess_cfg
+from open_clip.transform import PreprocessCfg
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+@dataclass(frozen=True)
+class MiniClipConfig:
+    """open_clip model config (the dict `open_clip.model.CLIP(**to_open_clip())` takes)."""
+
+    embed_dim: int = 128
+    image_size: int = 128  # 128 px / stride 32 -> a 4 x 4 attention-pooling grid
+    vision_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+    vision_width: int = 16  # dense channels = 32 * width = 512; heads = 512 // 64 = 8
+    text_width: int = 128
+    text_heads: int = 2
+    text_layers: int = 2
+    context_length: int = 40  # captions are <= ~37 tokens; 40 instead of 77 halves the text cost
+
+    def __post_init__(self) -> None:
+        if self.image_size % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (the ResNet's stride), got {self.image_size}")
+        if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
+            raise ValueError(f"vision_layers must be 4 positive block counts, got {self.vision_layers}")
+        if (self.vision_width * 32) % 64:
+            raise ValueError(f"vision_width * 32 must be a multiple of the head width 64, got width {self.vision_width}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 32
+
+    def to_open_clip(self) -> dict:
+        """The keyword arguments of `open_clip.model.CLIP`, JSON-serialisable."""
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {
+                "layers": list(self.vision_layers),
+                "width": self.vision_width,
+                "head_width": 64,
+                "image_size": self.image_size,
+            },
+            "text_cfg": {
+                "context_length": self.context_length,
+                "vocab_size": 49408,
+                "width": self.text_width,
+                "heads": self.text_heads,
+                "layers": self.text_layers,
+            },
+            "quick_gelu": False,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_from_config(model_cfg: dict) -> open_clip.model.CLIP:
+    """Build an open_clip CLIP from `to_open_clip()`'s dict (as stored in the checkpoint)."""
+    cfg = dict(model_cfg)
+    vision = dict(cfg.pop("vision_cfg"))
+    if isinstance(vision.get("layers"), list):
+        vision["layers"] = tuple(vision["layers"])  # a tuple is what selects ModifiedResNet
+    return open_clip.model.CLIP(
+        vision_cfg=open_clip.model.CLIPVisionCfg(**vision),
+        text_cfg=open_clip.model.CLIPTextCfg(**cfg.pop("text_cfg")),
+        **cfg,
+    )
+
+CHECKPOINT: Path = Path(__file__).resolve().parent.parent / "assets" / "miniclip.safetensors"
+META_KEY = "open_clip_config"
+
+__all__ = ["CHECKPOINT", "MiniClipConfig", "build_miniclip", "clip_from_config", "get_tokenizer", "read_metadata"]
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a mini-CLIP safetensors file (model config, pretraining summary)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if META_KEY not in meta:
+        raise ValueError(f"{path} has no {META_KEY!r} metadata; is it a mini-CLIP checkpoint from safelib.experiments.miniclip_pretrain?")
+    return {k: json.loads(v) for k, v in meta.items()}
+
+
+def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_clip.model.CLIP:
+    """The mini-CLIP, in eval mode and float32, with weights from `state_dict_path` (default: the shipped one)."""
+    path = Path(state_dict_path) if state_dict_path is not None else CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"mini-CLIP checkpoint {path} not found; the shipped one is {CHECKPOINT}, "
+            "or train one with `python -m safelib.experiments.miniclip_pretrain`"
+        )
+    model = clip_from_config(read_metadata(path)[META_KEY])
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Only BatchNorm's integer step counters are left out of the file (unused in eval mode).
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # What open_clip.create_model records, so open_clip's own transforms work on this model.
+    set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def get_tokenizer(context_length: int | None = None):
+    """The standard CLIP (RN50) tokenizer, cut to the mini-CLIP's context length.
+
+    Its vocabulary ships with open_clip, so it works offline. The default length is the one in
+    the shipped checkpoint's config.
+    """
+    if context_length is None:
+        context_length = MiniClipConfig().context_length
+        if CHECKPOINT.is_file():
+            context_length = read_metadata(CHECKPOINT)[META_KEY]["text_cfg"]["context_length"]
+    return open_clip.get_tokenizer("RN50", context_length=context_length)
