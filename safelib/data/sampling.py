@@ -4,8 +4,9 @@ The field's protocol (CoOp, Tip-Adapter): for each seed 1/2/3 and each K in 1/2/
 training images per class from the train split and a few-shot validation set of ``min(K, 4)``
 per class from the val split. ImageNet has no val split in CoOp (its val is the test set), so
 its validation images come from train images not drawn as shots. A class with fewer than K
-images is sampled with replacement, as CoOp's ``generate_fewshot_dataset(repeat=True)`` does,
-with a warning. Each class's ids are sorted before drawing and the generator is numpy's
+images is sampled with replacement, as Tip-Adapter's copy of ``generate_fewshot_dataset``
+(``repeat=True``, Tip-Adapter ``datasets/utils.py``) does, with a warning; CoOp (Dassl,
+``repeat=False``) keeps all images of a short class instead. Each class's ids are sorted before drawing and the generator is numpy's
 PCG64 seeded through SeedSequence, so the same seed gives the same ids on any machine.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _draw(pool: tuple[int, ...], k: int, rng: np.random.Generator, replace_if_sh
         picks = rng.choice(len(pool), size=k, replace=False)
     elif replace_if_short and pool:
         warnings.warn(f"{what}: only {len(pool)} images for {k} shots; sampling with replacement "
-                      "(as CoOp does)", FewShotWarning, stacklevel=3)
+                      "(as Tip-Adapter does)", FewShotWarning, stacklevel=3)
         picks = rng.choice(len(pool), size=k, replace=True)
     else:
         if len(pool) < k:

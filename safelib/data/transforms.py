@@ -1,8 +1,10 @@
 """The field's image transforms, owned here rather than taken from open_clip.
 
-open_clip's own train transform differs from what CoOp and Tip-Adapter used (its crop scale
-is 0.9-1 and it may add colour jitter), so the few-shot augmentation is written out here:
-RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip + CLIP normalisation. The eval
+open_clip's own train transform differs from what Tip-Adapter used (its crop scale is 0.9-1
+and it may add colour jitter), so the few-shot augmentation is written out here:
+RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip + CLIP normalisation, Tip-Adapter's
+(``main.py``). CoOp (and CLIP-Adapter, which runs in CoOp's trainer) crops at Dassl's default
+scale 0.08-1 (``dassl/config/defaults.py``, ``INPUT.RRCROP_SCALE``); pass ``scale=`` for that. The eval
 transform is CLIP's: bicubic resize of the short side, centre crop, normalise.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _check(size: int, mean: Sequence[float], std: Sequence[float]) -> None:
 
 def train_transform(size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                     scale: tuple[float, float] = TRAIN_SCALE) -> T.Compose:
-    """PIL image -> 3 x size x size tensor, randomly cropped and flipped (CoOp/Tip-Adapter's augmentation)."""
+    """PIL image -> 3 x size x size tensor, randomly cropped and flipped (Tip-Adapter's augmentation)."""
     _check(size, mean, std)
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")

@@ -11,6 +11,12 @@ Our choices, stated: AdamW (lr 1e-3, weight decay 1e-4, cosine schedule) on the 
 augmented views, one view per epoch; the last epoch is kept (no epoch is selected on any
 split). The residual ratio ``r`` is chosen on the few-shot validation split from ``ratios``
 (CLIP-Adapter's own default 0.2 first, so it wins ties); one adapter is trained per ratio.
+
+``preset="reference"``: CLIP-Adapter's fixed ratio 0.2 trained with CoOp's RN50 trainer (SGD lr
+0.002, momentum 0.9, weight decay 5e-4, batch 32, one warm-up epoch at 1e-5, cosine, 200 epochs;
+``safelib.methods.reference``). CoOp's trainer draws a fresh augmentation every step; on cached
+views the practical equivalent is a random one of the V cached views per sample per step
+(``trainer="coop"``), with the cache's crop scale (0.5-1, not Dassl's 0.08-1).
 """
 from __future__ import annotations
 
@@ -20,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..clip.text import class_logits
 from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split, select_best
-from .feature_training import seeded, train_on_views
+from .feature_training import seeded, train_on_views, train_sgd_random_views
+from .reference import COOP, check_preset, require_resolved
+
+TRAINERS = ("adamw", "coop")
 
 
 def adapter_mix(features: Tensor, adapted: Tensor, ratio: float) -> Tensor:
@@ -54,7 +64,7 @@ class ClipAdapterHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         mixed = adapter_mix(features, self.adapter(features), self.ratio)
-        return self.logit_scale * F.normalize(mixed, dim=-1) @ self.classifier
+        return class_logits(mixed, self.classifier, self.logit_scale)  # N x K
 
 
 @dataclass(frozen=True)
@@ -65,8 +75,15 @@ class ClipAdapterConfig(MethodConfig):
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    # "adamw": ours (cosine per step, epoch e reads view e mod V); "coop": CoOp's trainer (SGD momentum
+    # 0.9, one warm-up epoch at 1e-5, cosine per epoch, a random cached view per sample per step).
+    trainer: str = "adamw"
+    preset: str = "ours"  # or "reference" (see the module docstring)
 
     def __post_init__(self) -> None:
+        check_preset(self.preset)
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS} (ours, or CoOp's SGD trainer), got {self.trainer!r}")
         if len(self.ratios) == 0 or any(not 0.0 <= r <= 1.0 for r in self.ratios):
             raise ValueError(f"ratios must be a non-empty tuple of values in [0, 1], got {self.ratios!r}")
         for name in ("reduction", "epochs", "batch_size"):
@@ -84,6 +101,7 @@ class ClipAdapter(FewShotMethod):
 
     def _fit(self, data: FewShotData) -> None:
         cfg = self.config
+        require_resolved(cfg, self.name)
         train = F.normalize(data.pooled(data.train).float(), dim=-1)  # V x N x D
         val = F.normalize(eval_view(data.pooled(data.val)).float(), dim=-1)  # N x D
         heads, val_logits, losses = [], [], []
@@ -91,11 +109,7 @@ class ClipAdapter(FewShotMethod):
             with seeded(data.seed):
                 head = ClipAdapterHead(data.head.classifier, data.head.logit_scale, ratio, cfg.reduction)
             head = head.to(train.device)
-            losses.append(train_on_views(
-                list(head.adapter.parameters()), head, train, data.train.labels,
-                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                weight_decay=cfg.weight_decay, seed=data.seed,
-            ))
+            losses.append(self._train(head, train, data))
             head.eval()
             with torch.no_grad():
                 val_logits.append(head(val))
@@ -108,6 +122,18 @@ class ClipAdapter(FewShotMethod):
             "sweep": [{"ratio": r, **s} for r, s in zip(cfg.ratios, scores)],
             "train_loss": losses[best],
         }
+
+    def _train(self, head: ClipAdapterHead, train: Tensor, data: FewShotData) -> list[float]:
+        cfg = self.config
+        params = list(head.adapter.parameters())
+        if cfg.trainer == "coop":
+            return train_sgd_random_views(
+                params, head, train, data.train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                momentum=COOP.momentum, weight_decay=cfg.weight_decay, warmup_epochs=COOP.warmup_epochs,
+                warmup_lr=COOP.warmup_lr, seed=data.seed,
+            )
+        return train_on_views(params, head, train, data.train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=data.seed)
 
     def _predict(self, test: SplitFeatures) -> Tensor:
         features = eval_view(pool_split(test, self._head, self._pool_batch)).float()

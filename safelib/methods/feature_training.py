@@ -8,6 +8,7 @@ image, so cycling through them is what a fresh augmentation per epoch would have
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -62,4 +63,58 @@ def train_on_views(
             schedule.step()
             total += loss.item() * index.numel()
         losses.append(total / n)
+    return losses
+
+
+def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """The lr of ``epoch`` under CoOp's trainer (Dassl): ``warmup_lr`` for the warm-up epochs, then
+    cosine from ``lr`` over ``epochs`` steps, one step per epoch (``dassl/optim/lr_scheduler.py``)."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+def train_sgd_random_views(
+    params: list[nn.Parameter],
+    logits_fn: Callable[[Tensor], Tensor],
+    views: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    warmup_epochs: int,
+    warmup_lr: float,
+    seed: int,
+) -> list[float]:
+    """CoOp's trainer on cached features: SGD, Dassl's warm-up + per-epoch cosine, shuffled batches
+    with the last short batch dropped when there are at least ``batch_size`` samples (Dassl's
+    ``drop_last``). Each sample of each step reads a random one of its V cached views: the
+    practical equivalent of CoOp's fresh augmentation per step. Returns the mean loss per epoch."""
+    if views.ndim != 3 or views.shape[1] != labels.shape[0]:
+        raise ValueError(f"views must be V x N x D with N = {labels.shape[0]}, got {tuple(views.shape)}")
+    num_views, n = views.shape[0], views.shape[1]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.to(views.device)
+    stop = n - n % batch_size if n >= batch_size else n
+    losses = []
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = dassl_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
+        order = torch.randperm(n, generator=generator)
+        picks = torch.randint(num_views, (n,), generator=generator)
+        total, seen = 0.0, 0
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            batch = views[picks[index].to(views.device), index.to(views.device)]  # B x D
+            loss = F.cross_entropy(logits_fn(batch), labels[index.to(views.device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * index.numel()
+            seen += index.numel()
+        losses.append(total / seen)
     return losses

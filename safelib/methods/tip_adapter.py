@@ -18,6 +18,11 @@ and beta on the few-shot validation split only (``min(shots, 4)`` images per cla
 Tip-Adapter-F's last epoch, so our numbers are expected to be lower and are the honest ones to
 compare with. The grids here are coarser than Tip-Adapter's (200 x 20) because a grid that fine
 only overfits a validation set of a few images per class.
+
+``preset="reference"`` takes Tip-Adapter's own per-dataset settings instead (its search ranges and
+200 x 20 grid, ``init_alpha``/``init_beta``, lr and epochs: ``safelib.methods.reference``), resolved
+by the run for its dataset; ``selection="full_val"`` asks the run to search on the dataset's full
+validation split, as the reference did, where the dataset has one.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..clip.text import class_logits
 from .base import (
     FewShotData,
     FewShotMethod,
@@ -40,8 +46,10 @@ from .base import (
     batch_validation_scores,
 )
 from .feature_training import train_on_views
+from .reference import SELECTIONS, check_preset, require_resolved
 
-# Tip-Adapter's ranges (beta up to 7, alpha up to 3), sampled more coarsely.
+# Tip-Adapter's ImageNet, Pets and UCF101 ranges (beta up to 7, alpha up to 3), sampled more
+# coarsely, for every dataset; preset="reference" takes each dataset's own (reference.py).
 DEFAULT_ALPHAS = tuple(float(x) for x in np.round(np.linspace(0.1, 3.0, 10), 4))
 DEFAULT_BETAS = tuple(float(x) for x in np.round(np.linspace(0.1, 7.0, 24), 4))
 
@@ -61,18 +69,28 @@ def tip_logits(
     features: Tensor, classifier: Tensor, logit_scale: float, keys: Tensor, values: Tensor, alpha: float, beta: float
 ) -> Tensor:
     """Tip-Adapter's logits for unit-norm ``features`` (see the module docstring for the scale)."""
-    text = logit_scale * features @ classifier  # N x K
+    text = class_logits(features, classifier, logit_scale, normalize=False)  # N x K
     return text + alpha * cache_logits(features, keys, values, beta)
 
 
 @dataclass(frozen=True)
 class TipAdapterConfig(MethodConfig):
-    """Grids searched on the few-shot validation split (the first entries win exact ties)."""
+    """Grids searched on the validation split (the first entries win exact ties).
+
+    ``preset``: "ours" (these defaults) or "reference" (Tip-Adapter's settings for the run's dataset;
+    grids given by hand win). ``selection``: "few_shot_val" (min(shots, 4) per class) or
+    "full_val" (the dataset's whole validation split, as the reference searched; read by the run).
+    """
 
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     betas: tuple[float, ...] = DEFAULT_BETAS
+    preset: str = "ours"
+    selection: str = "few_shot_val"
 
     def __post_init__(self) -> None:
+        check_preset(self.preset)
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS} (never test), got {self.selection!r}")
         for name in ("alphas", "betas"):
             grid = getattr(self, name)
             if len(grid) == 0 or any(not np.isfinite(v) or v < 0 for v in grid):
@@ -114,7 +132,7 @@ def search_alpha_beta(
     betas: tuple[float, ...],
 ) -> tuple[float, float, dict[str, float]]:
     """Best ``(alpha, beta)`` on validation and its scores; the affinity is computed once."""
-    text = logit_scale * features @ classifier  # N x K
+    text = class_logits(features, classifier, logit_scale, normalize=False)  # N x K
     affinity = features @ keys.t()  # N x M
     weights = torch.tensor(alphas, dtype=text.dtype, device=text.device).view(-1, 1, 1)
     candidates, scores = [], []
@@ -133,6 +151,7 @@ class TipAdapter(FewShotMethod):
     config_class = TipAdapterConfig
 
     def _fit(self, data: FewShotData) -> None:
+        require_resolved(self.config, self.name)
         train = F.normalize(data.pooled(data.train).float(), dim=-1)  # V x M x D
         self._classifier = data.head.classifier.float().to(train.device)  # D x K
         self._scale = data.head.logit_scale
