@@ -1,6 +1,7 @@
 """The mini-world generator and its target-among-distractors tasks."""
 from __future__ import annotations
 
+import math
 import pickle
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from safelib.data import miniworld as mw
 from safelib.data import miniworld_tasks as mt
+from safelib.data.targets import target_attention_mass, target_grid_masks
 
 
 def test_scene_is_a_pure_function_of_the_seed():
@@ -124,7 +126,7 @@ def test_test_style_shifts_only_the_test_split():
 
 def test_target_grid_masks_cover_the_target():
     test = mt.task_split(TASK, "test").subset(range(6))
-    cov = mt.target_grid_masks(test, 4)
+    cov = target_grid_masks(test, 4)
     assert cov.shape == (6, 4, 4)
     assert (cov.max(axis=(1, 2)) > 0.3).all()  # a large target fills much of some cell
     assert ((cov >= 0) & (cov <= 1)).all()
@@ -137,7 +139,7 @@ def test_attention_mass_counts_only_target_cells():
         [[0.5, 0.5, 0.0, 0.0, 0.0]],   # all spatial attention on the target cell
         [[0.2, 0.2, 0.2, 0.2, 0.2]],   # uniform
     ])
-    mass = mt.target_attention_mass(attention, coverage)
+    mass = target_attention_mass(attention, coverage)
     assert torch.allclose(mass, torch.tensor([1.0, 0.25]))
 
 
@@ -188,3 +190,69 @@ def test_image_set_names_carry_what_changes_the_pixels() -> None:
     assert len({base.name, reseeded.name, restyled.name}) == 3
     assert more.name == base.name  # more images per class draws the same first pictures
     assert np.asarray(more.load_image(0)).tobytes() == np.asarray(base.load_image(0)).tobytes()
+
+
+# ----------------------------------------------------------------------------- varied shapes (issue 11)
+
+
+def test_rotation_limits_keep_squares_and_diamonds_apart():
+    # A square turned 45 degrees is a diamond: the two limits must leave a gap between the classes.
+    assert mw.ROTATION_LIMITS["square"] + mw.ROTATION_LIMITS["diamond"] <= 45 - 15
+    rng = np.random.default_rng(0)
+    style = mw.get_style("pretrain")
+    for _ in range(200):
+        obj = mw.sample_object(rng, 128, style)
+        assert abs(math.degrees(obj.angle)) <= mw.ROTATION_LIMITS[obj.shape] + 1e-9
+        assert obj.proportions is not None and obj.fill in mw.FILLS
+
+
+def test_shape_variants_turn_each_shape_within_its_own_limit():
+    """A triangle's 120-degree turn must not be handed on to its square variant (a diamond)."""
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        for scene in mw.shape_variants(rng, 6, n_objects=1, image_size=64, style="pretrain"):
+            obj = scene.objects[0]
+            assert abs(math.degrees(obj.angle)) <= mw.ROTATION_LIMITS[obj.shape] + 1e-9
+
+
+def test_task_styles_keep_the_canonical_drawing():
+    task_scene, _ = mt.task_scene(mt.TargetTask(seed=2), "x/train/3")
+    assert all(o.proportions is None and o.fill == "solid" for o in task_scene.objects)
+    assert all(abs(o.angle) <= 0.26 for o in task_scene.objects)
+
+
+def test_proportions_span_each_class():
+    def extent(shape, p, q=0.0):
+        pts = np.array(mw._unit_polygon(shape, (p, q)))
+        return pts.max(0) - pts.min(0)
+
+    assert np.allclose(*extent("diamond", 1.0))  # equal diagonals at the wide end
+    assert extent("diamond", 0.0)[0] < 0.5 * extent("diamond", 0.0)[1]  # narrow at the other
+    assert len(mw._unit_polygon("star", (0.0, 0.0))) == 10
+    with pytest.raises(ValueError, match="proportions"):
+        mw.SceneObject("star", "red", "small", 1, 1, 1, proportions=(0.5, 2.0))
+
+
+def test_hollow_objects_mask_only_their_stroke():
+    obj = mw.SceneObject("square", "blue", "large", 64, 64, 40, fill="hollow")
+    image, masks, _ = mw.render(np.random.default_rng(0), (obj,), 128, mw.Style(colour_jitter=0.0))
+    assert masks[0, 20:108, 20:108].any() and not masks[0, 64, 64]  # the inside is background
+    assert np.abs(np.asarray(image)[masks[0]].astype(int) - np.array(mw.COLOURS["blue"])).max() <= 1
+
+
+def test_texture_fills_keep_the_hue():
+    for fill in ("shaded", "speckled"):
+        obj = mw.SceneObject("circle", "red", "large", 64, 64, 40, fill=fill)
+        image, masks, _ = mw.render(np.random.default_rng(0), (obj,), 128, mw.Style(colour_jitter=0.0))
+        pixels = np.asarray(image)[masks[0]].astype(float)
+        assert pixels.std(0).max() > 3  # not flat
+        assert (pixels[:, 0] > pixels[:, 1] + 60).mean() > 0.95  # still red
+
+
+def test_new_style_knobs_are_validated():
+    with pytest.raises(ValueError, match="fills"):
+        mw.Style(fills=("glitter",))
+    with pytest.raises(ValueError, match="size_ranges"):
+        mw.Style(size_ranges=((0.1, 0.05), (0.2, 0.3)))
+    with pytest.raises(ValueError, match="blur"):
+        mw.Style(blur=5.0)

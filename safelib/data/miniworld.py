@@ -9,7 +9,9 @@ one designated object while others distract.
 Everything is a pure function of a `numpy.random.Generator`, so a seed fixes every pixel,
 caption and mask. `Style` holds the knobs for distribution shift (background textures, object
 sizes, outlines, clutter): train in one style, test in another, the offline analogue of
-ImageNet -> ImageNet-R/Sketch.
+ImageNet -> ImageNet-R/Sketch. The "pretrain" style also varies each shape's proportions and
+orientation, fills (solid, hollow, shaded, speckled) and blur, so the mini-CLIP learns a shape
+rather than one drawing of it; the tasks' styles keep the canonical drawing.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -29,7 +31,17 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 25),
 }
 SIZES: tuple[str, ...] = ("small", "large")
-BACKGROUNDS: tuple[str, ...] = ("plain", "noise", "stripes", "checker", "gradient")
+BACKGROUNDS: tuple[str, ...] = ("plain", "noise", "stripes", "checker", "gradient", "clouds")
+# How an object's inside is painted (a dark outline is a separate knob, `SceneObject.outline`).
+FILLS: tuple[str, ...] = ("solid", "hollow", "shaded", "speckled")
+# How far each shape may turn (degrees) when a style varies shapes. Why these: the classes must
+# stay distinct. A square turned 45 degrees is a diamond with equal diagonals, so squares and
+# diamonds turn at most 15 degrees each way: a square's edges stay within 15 degrees of level, a
+# diamond's corners within 15 degrees of vertical, leaving at least 15 degrees between the two.
+# A cross turned 45 degrees reads as an "x", so 25. A triangle (pointing up or down, a triangle)
+# and a circle may turn freely; a 5-pointed star repeats every 72 degrees, so +-36 is every star.
+ROTATION_LIMITS: dict[str, float] = {"circle": 180.0, "square": 15.0, "triangle": 180.0, "star": 36.0,
+                                     "cross": 25.0, "diamond": 15.0}
 # 3 x 3 regions of the image, named as a caption would say them (row, column).
 POSITIONS: tuple[tuple[str, ...], ...] = (
     ("top left", "top", "top right"),
@@ -59,6 +71,11 @@ class Style:
     outline_prob: chance an object gets a dark outline.
     clutter: maximum number of grey lines / dots scattered over the background.
     colour_jitter: per-channel jitter of object colours, as a fraction of 255.
+    varied_shapes: draw each shape with random proportions (`SceneObject.proportions`) and turn
+        it within `ROTATION_LIMITS`; False keeps the canonical drawing, turned +-15 degrees.
+    fills: fills drawn uniformly from `FILLS`.
+    size_ranges: (small, large) radius ranges as fractions of the image side; None: `SIZE_RANGES`.
+    blur: maximum Gaussian blur radius in pixels, applied to half of the images (soft edges).
     """
 
     backgrounds: tuple[str, ...] = ("plain",)
@@ -66,6 +83,10 @@ class Style:
     outline_prob: float = 0.0
     clutter: int = 0
     colour_jitter: float = 0.06
+    varied_shapes: bool = False
+    fills: tuple[str, ...] = ("solid",)
+    size_ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
+    blur: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
@@ -79,6 +100,15 @@ class Style:
             raise ValueError(f"Style.clutter must be >= 0, got {self.clutter}")
         if not 0.0 <= self.colour_jitter <= 0.3:
             raise ValueError(f"Style.colour_jitter must be in [0, 0.3], got {self.colour_jitter}")
+        if not self.fills or any(f not in FILLS for f in self.fills):
+            raise ValueError(f"Style.fills must be a non-empty subset of {FILLS}, got {self.fills}")
+        if self.size_ranges is not None and (
+                len(self.size_ranges) != 2
+                or not all(0.02 <= lo <= hi <= 0.45 for lo, hi in self.size_ranges)):
+            raise ValueError("Style.size_ranges must be ((lo, hi) small, (lo, hi) large) with "
+                             f"0.02 <= lo <= hi <= 0.45, got {self.size_ranges}")
+        if not 0.0 <= self.blur <= 3.0:
+            raise ValueError(f"Style.blur must be in [0, 3] pixels, got {self.blur}")
 
 
 STYLES: dict[str, Style] = {
@@ -87,8 +117,13 @@ STYLES: dict[str, Style] = {
     "outlined": Style(outline_prob=1.0),
     "cluttered": Style(backgrounds=("plain", "noise"), clutter=8),
     "small": Style(size_scale=0.75),
-    # What the mini-CLIP is pretrained on: a mixture, so every style is in-distribution-ish.
-    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.25, clutter=2),
+    # The issue-5 pretraining mixture (phases 1-2 of the recipe in safelib.experiments.miniclip_pretrain).
+    "pretrain_v1": Style(backgrounds=("plain", "noise", "stripes", "checker", "gradient"), outline_prob=0.25, clutter=2),
+    # What the mini-CLIP is pretrained on: a mixture, so every style is in-distribution-ish, and
+    # every shape in many proportions, sizes, fills and orientations (issue 11).
+    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.25, clutter=2, colour_jitter=0.08,
+                      varied_shapes=True, fills=("solid", "solid", "hollow", "shaded", "speckled"),
+                      size_ranges=((0.07, 0.14), (0.18, 0.38)), blur=1.2),
 }
 
 
@@ -113,6 +148,9 @@ class SceneObject:
     radius: float
     angle: float = 0.0
     outline: bool = False
+    # Two numbers in [0, 1] that set the shape's proportions (see `_unit_polygon`); None: canonical.
+    proportions: tuple[float, float] | None = None
+    fill: str = "solid"
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -123,6 +161,11 @@ class SceneObject:
             raise ValueError(f"unknown size {self.size!r}; valid: {SIZES}")
         if self.radius <= 0:
             raise ValueError(f"radius must be > 0, got {self.radius}")
+        if self.fill not in FILLS:
+            raise ValueError(f"unknown fill {self.fill!r}; valid: {FILLS}")
+        if self.proportions is not None and (len(self.proportions) != 2
+                                             or not all(0.0 <= p <= 1.0 for p in self.proportions)):
+            raise ValueError(f"proportions must be two numbers in [0, 1] or None, got {self.proportions}")
 
     def position(self, image_size: int) -> str:
         """Which third of the image (row, column) holds the centre, as words."""
@@ -145,37 +188,79 @@ class Scene:
 # ----------------------------------------------------------------------------- geometry
 
 
-def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
-    """Vertices of a shape of circumradius r centred at (x, y), rotated by `angle` radians."""
+def _unit_polygon(shape: str, proportions: tuple[float, float] | None) -> list[tuple[float, float]]:
+    """Vertices of a shape of circumradius about 1 at the origin, y down.
+
+    proportions None gives the canonical drawing; otherwise (p, q) in [0, 1] sweep each class's
+    range of shapes that still carry its name: a circle's aspect 0.85-1.15; a square's aspect
+    0.85-1.15; a triangle's height 0.7-1.4 x an equilateral one's, apex shifted up to 0.6 of the
+    half base (scalene); a star's spike depth (inner radius 0.3-0.6); a cross's arm half-width
+    0.15-0.42, raised crossbar (a Latin cross) when q > 0.6; a diamond's width 0.4-1.0 of its
+    height (1.0: equal diagonals).
+    """
+    p, q = proportions if proportions is not None else (None, None)
+    if shape == "circle":
+        aspect = 1.0 if p is None else 0.85 + 0.3 * p
+        return [(aspect * math.cos(a), math.sin(a) / aspect) for a in np.linspace(0, 2 * math.pi, 32, endpoint=False)]
     if shape == "square":
-        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
-        pts = [(px * 0.75, py * 0.75) for px, py in pts]  # side ~ 1.5 r: area close to a circle's
-    elif shape == "triangle":
-        pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    elif shape == "diamond":
-        pts = [(0, -1), (0.62, 0), (0, 1), (-0.62, 0)]
-    elif shape == "star":
-        pts = []
-        for k in range(10):
-            rad = 1.0 if k % 2 == 0 else 0.42
-            a = -math.pi / 2 + k * math.pi / 5
-            pts.append((rad * math.cos(a), rad * math.sin(a)))
-    elif shape == "cross":
-        w = 0.33
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
-    else:
-        raise ValueError(f"no polygon for shape {shape!r}; polygon shapes: {SHAPES[1:]}")
+        aspect = 1.0 if p is None else 0.85 + 0.3 * p
+        h = 0.75  # side ~ 1.5 r: area close to a circle's
+        return [(-h * aspect, -h / aspect), (h * aspect, -h / aspect), (h * aspect, h / aspect), (-h * aspect, h / aspect)]
+    if shape == "triangle":
+        if p is None:
+            return [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        height = math.sqrt(3) * (0.7 + 0.7 * p)  # base half-width 1; equilateral height sqrt(3)
+        apex = 0.6 * (2 * q - 1)
+        pts = [(apex, -2 * height / 3), (1.0, height / 3), (-1.0, height / 3)]  # centroid near the origin
+        scale = max(math.hypot(x, y) for x, y in pts)
+        return [(x / scale, y / scale) for x, y in pts]
+    if shape == "diamond":
+        w = 0.62 if p is None else 0.4 + 0.6 * p
+        return [(0, -1), (w, 0), (0, 1), (-w, 0)]
+    if shape == "star":
+        inner = 0.42 if p is None else 0.3 + 0.3 * p
+        return [((1.0 if k % 2 == 0 else inner) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                 (1.0 if k % 2 == 0 else inner) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    if shape == "cross":
+        w = 0.33 if p is None else 0.15 + 0.27 * p
+        bar = 0.0 if q is None or q <= 0.6 else -(q - 0.6)  # crossbar raised up to 0.4
+        side = 1.0 if bar == 0.0 else 0.8
+        return [(-w, -1), (w, -1), (w, bar - w), (side, bar - w), (side, bar + w), (w, bar + w), (w, 1), (-w, 1),
+                (-w, bar + w), (-side, bar + w), (-side, bar - w), (-w, bar - w)]
+    raise ValueError(f"no polygon for shape {shape!r}; shapes: {SHAPES}")
+
+
+def _polygon(shape: str, x: float, y: float, r: float, angle: float,
+             proportions: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+    """Vertices of a shape of circumradius r centred at (x, y), rotated by `angle` radians."""
     c, s = math.cos(angle), math.sin(angle)
-    return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in pts]
+    return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in _unit_polygon(shape, proportions)]
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline) -> None:
+    """Draw one object; a hollow one is a thick stroke in its colour (`outline` then goes outside it)."""
     width = max(2, round(obj.radius / 8)) if outline is not None else 0
-    if obj.shape == "circle":
+    if obj.fill == "hollow":
+        stroke = max(2, round(obj.radius * 0.25))
+        if outline is not None:  # the dark outline first, a little wider, then the colour inside it
+            _shape(draw, obj, None, outline, stroke + width)
+        _shape(draw, obj, None, fill, stroke)
+        return
+    _shape(draw, obj, fill, outline, width)
+
+
+def _shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline, width: int) -> None:
+    if obj.shape == "circle" and obj.proportions is None:
         box = [obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius]
         draw.ellipse(box, fill=fill, outline=outline, width=width)
     else:
-        draw.polygon(_polygon(obj.shape, obj.x, obj.y, obj.radius, obj.angle), fill=fill, outline=outline, width=width)
+        pts = _polygon(obj.shape, obj.x, obj.y, obj.radius, obj.angle, obj.proportions)
+        draw.polygon(pts, fill=fill, outline=outline, width=width)
+
+
+def turn_for(shape: str, unit: float) -> float:
+    """An angle (radians) for a shape from a unit draw in [-1, 1], within `ROTATION_LIMITS`."""
+    return math.radians(unit * ROTATION_LIMITS[shape])
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -195,7 +280,7 @@ def sample_object(
     shape = shape if shape is not None else SHAPES[rng.integers(len(SHAPES))]
     colour = colour if colour is not None else tuple(COLOURS)[rng.integers(len(COLOURS))]
     size = size if size is not None else SIZES[rng.integers(len(SIZES))]
-    lo, hi = SIZE_RANGES[size]
+    lo, hi = SIZE_RANGES[size] if style.size_ranges is None else style.size_ranges[SIZES.index(size)]
     radius = float(rng.uniform(lo, hi)) * style.size_scale * image_size
     margin = radius * 0.9
     best, best_overlap = None, math.inf
@@ -206,9 +291,15 @@ def sample_object(
             best, best_overlap = (float(x), float(y)), overlap
         if overlap <= 0:
             break
-    angle = float(rng.uniform(-0.26, 0.26))  # +-15 degrees: a square never turns into a diamond
+    if style.varied_shapes:  # per-shape limits (ROTATION_LIMITS) and random proportions
+        angle = turn_for(shape, float(rng.uniform(-1, 1)))
+        proportions = (float(rng.random()), float(rng.random()))
+    else:
+        angle = float(rng.uniform(-0.26, 0.26))  # +-15 degrees: a square never turns into a diamond
+        proportions = None
     outline = bool(rng.random() < style.outline_prob)
-    return SceneObject(shape, colour, size, best[0], best[1], radius, angle, outline)
+    fill = style.fills[rng.integers(len(style.fills))] if len(style.fills) > 1 else style.fills[0]
+    return SceneObject(shape, colour, size, best[0], best[1], radius, angle, outline, proportions, fill)
 
 
 def sample_objects(rng: np.random.Generator, n: int, image_size: int, style: Style) -> tuple[SceneObject, ...]:
@@ -246,6 +337,11 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         theta = rng.uniform(0, 2 * math.pi)
         t = ((xx - size / 2) * math.cos(theta) + (yy - size / 2) * math.sin(theta)) / size + 0.5
         img = a + np.clip(t, 0, 1)[..., None] * (b - a)
+    elif kind == "clouds":  # smooth blotches: a coarse random grey grid, upsampled bicubically
+        n = int(rng.integers(3, 8))
+        coarse = rng.uniform(40, 225, size=(n, n)).astype(np.float32)
+        smooth = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BICUBIC))
+        img = smooth[..., None] + rng.uniform(-8, 8, size=3)
     else:
         raise ValueError(f"unknown background {kind!r}; valid: {BACKGROUNDS}")
     return np.clip(img, 0, 255)
@@ -285,7 +381,28 @@ def render(
         m = np.asarray(layer) > 0
         masks[:i] &= ~m  # later objects occlude earlier ones
         masks[i] = m
+        if obj.fill in ("shaded", "speckled"):
+            image = _texture_fill(rng, image, m, obj, fill)
+            draw = ImageDraw.Draw(image)
+    if style.blur > 0 and rng.random() < 0.5:  # soft, anti-aliased-looking edges
+        image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, style.blur))))
     return image, masks, kind
+
+
+def _texture_fill(rng: np.random.Generator, image: Image.Image, mask: np.ndarray, obj: SceneObject,
+                  fill: tuple[int, int, int]) -> Image.Image:
+    """Repaint an object's fill-coloured pixels with a shading (a linear light-to-dark ramp) or speckle."""
+    pixels = np.asarray(image).astype(np.float32)
+    inside = mask & (pixels == np.array(fill, dtype=np.float32)).all(-1)  # not its dark outline
+    if obj.fill == "shaded":
+        theta = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.nonzero(inside)
+        t = ((xx - obj.x) * math.cos(theta) + (yy - obj.y) * math.sin(theta)) / (2 * obj.radius) + 0.5
+        factor = (1.15 - 0.35 * np.clip(t, 0, 1))[:, None]
+    else:
+        factor = 1 + rng.normal(0, 0.1, size=(int(inside.sum()), 1))
+    pixels[inside] = np.clip(pixels[inside] * factor, 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
 
 # ----------------------------------------------------------------------------- captions
@@ -318,6 +435,8 @@ def describe(obj: SceneObject, image_size: int, rng: np.random.Generator, *, p_d
         phrase = "something " + " and ".join(words)
     if obj.outline and rng.random() < 0.3:
         phrase += " with an outline"
+    if obj.fill == "hollow" and keep_shape and rng.random() < 0.3:
+        phrase += " drawn as an outline"
     if keep_pos:
         pos = obj.position(image_size)
         prep = "at the" if pos in ("top", "bottom", "center") else "in the" if " " in pos else "on the"
@@ -326,6 +445,8 @@ def describe(obj: SceneObject, image_size: int, rng: np.random.Generator, *, p_d
 
 
 _PREFIXES = ("", "", "a picture of ", "an image of ", "a photo of ")
+# More ways to start a caption, for the pretraining style (the tasks' captions keep the first five).
+_MORE_PREFIXES = _PREFIXES + ("a drawing of ", "a sketch of ", "there is ", "a clipart of ", "this shows ")
 
 
 def caption(objects: tuple[SceneObject, ...], image_size: int, rng: np.random.Generator, background: str = "plain") -> str:
@@ -333,10 +454,12 @@ def caption(objects: tuple[SceneObject, ...], image_size: int, rng: np.random.Ge
     order = rng.permutation(len(objects))
     phrases = [describe(objects[i], image_size, rng) for i in order]
     body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    text = _PREFIXES[rng.integers(len(_PREFIXES))] + body
+    prefixes = _MORE_PREFIXES if any(o.proportions is not None for o in objects) else _PREFIXES
+    text = prefixes[rng.integers(len(prefixes))] + body
     if background != "plain" and rng.random() < 0.25:
         text += {"noise": " on a noisy background", "stripes": " on a striped background",
-                 "checker": " on a checkered background", "gradient": " on a shaded background"}[background]
+                 "checker": " on a checkered background", "gradient": " on a shaded background",
+                 "clouds": " on a blotchy background"}[background]
     return text + "."
 
 
@@ -389,9 +512,13 @@ def shape_variants(
     vary = int(rng.integers(len(objects)))
     shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:n_variants]]
     render_seed = int(rng.integers(2**63))  # one render stream for all: same background and jitter
+    # With varied shapes, each variant turns by the same share of its own rotation limit: a triangle
+    # turned 120 degrees must not become a square turned 120 (which would be a diamond).
+    unit_turn = float(rng.uniform(-1, 1)) if style.varied_shapes else None
     scenes = []
     for shape in shapes:
-        objs = tuple(replace(o, shape=shape) if i == vary else o for i, o in enumerate(objects))
+        changes = {"shape": shape} if unit_turn is None else {"shape": shape, "angle": turn_for(shape, unit_turn)}
+        objs = tuple(replace(o, **changes) if i == vary else o for i, o in enumerate(objects))
         image, masks, kind = render(np.random.default_rng(render_seed), objs, image_size, style)
         scenes.append(Scene(image, objs, masks, caption(objs, image_size, rng, kind), kind))
     return tuple(scenes)
@@ -440,3 +567,13 @@ def mask_on_grid(mask: np.ndarray, grid: int) -> np.ndarray:
 def with_style(style: str | Style, **changes) -> Style:
     """A copy of a style with some knobs changed (validated)."""
     return replace(get_style(style), **changes)
+
+
+def single_object_set(n: int, seed: int = 0, image_size: int = 128) -> tuple[list[Scene], list[int]]:
+    """`n` freshly drawn scenes of one shape each, and their labels (indices into `SHAPES`).
+
+    Scene i is ``make_scene(seed * 100_000 + i, n_objects=1)``: the zero-shot check of notebook 01
+    and ``python -m safelib.book.demo`` draw the same scenes for the same seed.
+    """
+    scenes = [make_scene(seed * 100_000 + i, n_objects=1, image_size=image_size) for i in range(n)]
+    return scenes, [SHAPES.index(scene.objects[0].shape) for scene in scenes]
