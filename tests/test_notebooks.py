@@ -1,44 +1,41 @@
-"""The book's notebooks: well formed as committed, and each runs end to end with tiny parameters.
+"""The book's notebooks: well formed as committed, and each runs end to end at tiny parameters.
 
-Each notebook is executed with papermill into ``tmp_path`` on a ``python3`` kernel that is made to
-resolve to the interpreter running the tests (a kernelspec for ``sys.executable`` is installed in a
-temporary folder and put first on ``JUPYTER_PATH``), with ``safelib`` importable from this checkout.
+They run the way readers batch them: ``python -m safelib.reproduce notebooks/grids/smoke.yaml``,
+one papermill execution per notebook on a ``python3`` kernel that the runner makes resolve to this
+interpreter. The run is killed with SIGKILL in the middle of a case and started again, as a job
+array's node would be: the grid finishes, and the cases finished before the kill are not executed
+again. Then each executed notebook's outputs are checked.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 import safelib as sl
+from safelib.reproduce import Layout, is_finished, load_grid
+from safelib.reproduce.grid import declared_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb")) + sorted((NOTEBOOK_DIR / "grids").glob("*.ipynb"))
+SMOKE = NOTEBOOK_DIR / "grids" / "smoke.yaml"
 # Override for trying the notebooks against another mini-CLIP file (e.g. an intermediate checkpoint).
 MINICLIP = os.environ.get("SAFELIB_TEST_MINICLIP", "shipped")
-
-# Tiny parameters: each notebook runs in well under a minute on a 2-core CPU.
-TINY: dict[str, dict] = {
-    "01_attention_pooling": {"dataset_options": {"per_class": [2, 1, 3]}, "n_maps": 3, "n_zero_shot": 12},
-    "02_safe": {"dataset_options": {"per_class": [4, 2, 4]}, "shots": 2, "train_views": 1,
-                "safe_config": {"epochs": 2, "lr": 1e-3}, "n_maps": 2},
-    "03_methods": {
-        "dataset_options": {"per_class": [2, 1, 3]}, "shots": [1], "seeds": [1], "train_views": 1,
-        "method_configs": {"safe": {"epochs": 1}, "safe_a_tip": {"safe": {"epochs": 1}, "adapter": {"epochs": 1}},
-                           "safe_a_clip_adapter": {"safe": {"epochs": 1}, "adapter": {"epochs": 1}},
-                           "tip_adapter_f": {"epochs": 1}, "clip_adapter": {"epochs": 1}},
-    },
-    "04_scale": {"map_shape": [256, 7, 7], "calibration_mb": 2},
-}
+KILL_AFTER = 2  # cases finished before the SIGKILL (the next one is running when it lands)
 
 
-def test_every_notebook_has_tiny_parameters():
-    assert {nb.stem for nb in NOTEBOOKS} == set(TINY)
+def test_every_notebook_has_a_smoke_case():
+    names = {case.notebook for case in load_grid(SMOKE).cases}
+    assert names == {p.relative_to(NOTEBOOK_DIR).with_suffix("").as_posix() for p in NOTEBOOKS}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -58,81 +55,169 @@ def test_notebook_is_committed_clean(path):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
+def _smoke_grid(where: Path) -> Path:
+    """smoke.yaml, or a copy using the mini-CLIP file named by SAFELIB_TEST_MINICLIP."""
+    if MINICLIP == "shipped":
+        return SMOKE
+    spec = yaml.safe_load(SMOKE.read_text())
+    spec["notebook_dir"] = str(NOTEBOOK_DIR)
+    for case in spec["cases"]:
+        declared = nbformat.read(NOTEBOOK_DIR / f"{case['notebook']}.ipynb", 4).cells[0].source
+        for name in ("pretrained", "weights"):
+            if f"\n{name} = " in f"\n{declared}":
+                case.setdefault("parameters", {})[name] = MINICLIP
+    path = where / "smoke.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _start(grid: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "safelib.reproduce", str(grid), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _statuses(out: Path) -> dict[str, dict]:
+    found = {}
+    for path in (out / "status").rglob("*.json"):
+        try:
+            found[f"{path.parent.name}/{path.stem}"] = json.loads(path.read_text())
+        except json.JSONDecodeError:  # pragma: no cover - written atomically
+            pass
+    return found
+
+
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory):
-    """JUPYTER_PATH with a `python3` kernelspec for this interpreter; PYTHONPATH with this checkout."""
-    from ipykernel.kernelspec import install
+def smoke(tmp_path_factory):
+    """Run the smoke grid, SIGKILL it while a case runs, run it again to the end.
 
-    prefix = tmp_path_factory.mktemp("jupyter")
-    install(kernel_name="python3", prefix=str(prefix))
-    spec = json.loads((prefix / "share/jupyter/kernels/python3/kernel.json").read_text())
-    assert spec["argv"][0] == sys.executable
-    env = {
-        "JUPYTER_PATH": os.pathsep.join([str(prefix / "share/jupyter"), os.environ.get("JUPYTER_PATH", "")]),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "HF_HUB_OFFLINE": "1",
-    }
-    return env
-
-
-def _execute(name: str, tmp_path: Path, env: dict, monkeypatch) -> nbformat.NotebookNode:
-    papermill = pytest.importorskip("papermill")
+    Returns (out folder, statuses before the kill, key of the killed case, statuses at the end).
+    """
     if MINICLIP == "shipped" and not sl.miniclip.CHECKPOINT.is_file():
         pytest.skip(f"the shipped mini-CLIP checkpoint {sl.miniclip.CHECKPOINT} is not there yet")
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    parameters = {**TINY[name], "pretrained": MINICLIP}
-    if name != "01_attention_pooling":
-        parameters |= {"cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "runs")}
-    out = tmp_path / f"{name}.ipynb"
-    papermill.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), str(out), parameters=parameters,
-                               kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOK_DIR))
-    return nbformat.read(out, as_version=4)
+    where = tmp_path_factory.mktemp("smoke")
+    grid, out = _smoke_grid(where), where / "out"
+    process = _start(grid, out)
+    deadline = time.monotonic() + 1200
+    while True:
+        assert process.poll() is None, f"the grid ended before it could be killed: {process.communicate()}"
+        assert time.monotonic() < deadline, "no case started in time"
+        statuses = _statuses(out)
+        finished = [k for k, s in statuses.items() if s["status"] == "finished"]
+        running = [k for k, s in statuses.items() if s["status"] == "running"]
+        if len(finished) >= KILL_AFTER and running:
+            time.sleep(1.0)  # well inside the case: its kernel is up and executing
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            break
+        time.sleep(0.3)
+    before = _statuses(out)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # as a scheduler would: the kernel it left goes too
+    except ProcessLookupError:
+        pass  # the kernel saw its parent die and exited by itself
+    killed = [k for k, s in before.items() if s["status"] == "running"]
+    assert len(killed) == 1, before
+    layout = Layout(out)
+    case = next(c for c in load_grid(grid).cases if c.key == killed[0])
+    assert not is_finished(layout, case) and not layout.notebook(case).exists(), \
+        "a killed case must leave nothing a later run takes for finished"
+
+    rerun = _start(grid, out)
+    stdout, stderr = rerun.communicate(timeout=1800)
+    assert rerun.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return out, before, killed[0], _statuses(out), load_grid(grid)
 
 
-def _outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
-    """All text output of a run notebook, and how many figures it drew."""
-    text, figures = [], 0
+@pytest.mark.slow
+def test_smoke_grid_finishes_after_a_sigkill_without_redoing_finished_cases(smoke):
+    out, before, killed, after, grid = smoke
+    assert set(after) == {c.key for c in grid.cases}
+    assert all(s["status"] == "finished" for s in after.values())
+    done_before = [k for k, s in before.items() if s["status"] == "finished"]
+    assert len(done_before) >= KILL_AFTER
+    for key in done_before:  # executed once: the same status (start time, process) as before the kill
+        assert after[key] == before[key], key
+    assert after[killed]["pid"] != before[killed]["pid"]  # the killed case ran again, from scratch
+    layout = Layout(out)
+    assert not list((out / "notebooks").rglob(".*.partial.ipynb"))
+    for case in grid.cases:
+        assert layout.notebook(case).is_file()
+
+
+def _executed(smoke, notebook: str) -> tuple[nbformat.NotebookNode, dict]:
+    out, _, _, after, grid = smoke
+    case = next(c for c in grid.cases if c.notebook == notebook)
+    return nbformat.read(Layout(out).notebook(case), as_version=4), after[case.key]
+
+
+def _outputs(nb: nbformat.NotebookNode) -> tuple[str, int, str]:
+    """All text output of a run notebook, how many figures it drew, and what it wrote to stderr."""
+    text, figures, stderr = [], 0, []
     for cell in nb.cells:
         for output in cell.get("outputs", []):
+            if output.get("name") == "stderr":
+                stderr.append(output.get("text", ""))
             text.append(output.get("text", ""))
             data = output.get("data", {})
             text.append(data.get("text/plain", ""))
             figures += "image/png" in data
             assert output.get("output_type") != "error", "".join(output.get("traceback", []))
-    return "\n".join(text), figures
+    return "\n".join(text), figures, "".join(stderr)
 
 
 @pytest.mark.slow
-def test_01_attention_pooling_runs(tmp_path, kernel_env, monkeypatch):
-    text, figures = _outputs(_execute("01_attention_pooling", tmp_path, kernel_env, monkeypatch))
+def test_01_attention_pooling_runs(smoke):
+    text, figures, _ = _outputs(_executed(smoke, "01_attention_pooling")[0])
     assert figures >= 1
     assert "largest relative difference" in text and "zero-shot" in text
 
 
 @pytest.mark.slow
-def test_02_safe_runs(tmp_path, kernel_env, monkeypatch):
-    text, figures = _outputs(_execute("02_safe", tmp_path, kernel_env, monkeypatch))
+def test_02_safe_runs(smoke):
+    out = smoke[0]
+    text, figures, _ = _outputs(_executed(smoke, "02_safe")[0])
     assert figures >= 3  # training curve, blend sweep, attention before / after
-    records = list((tmp_path / "runs" / "notebooks").glob("02_safe_*.json"))
+    records = [p for p in (out / "records").rglob("*.run.json") if p.parent.name == "safe"
+               and sl.read_record(p)["config"]["shots"] == 2]  # the notebook's run: an ordinary run record
     assert len(records) == 1
-    record = json.loads(records[0].read_text())
-    assert record["shots"] == 2 and len(record["test_acc"]) == 3
+    record = sl.read_record(records[0])
     assert len(record["chosen"]["train_losses"]) == 2
-    assert 0 <= record["target_mass"]["finetuned"] <= 1
+    assert f"{record['test_acc']:5.1f}%" in text and "attention mass on the target" in text
 
 
 @pytest.mark.slow
-def test_03_methods_runs(tmp_path, kernel_env, monkeypatch):
-    text, figures = _outputs(_execute("03_methods", tmp_path, kernel_env, monkeypatch))
+def test_03_methods_runs_and_its_status_lists_its_records(smoke):
+    out = smoke[0]
+    nb, status = _executed(smoke, "03_methods")
+    _, figures, _ = _outputs(nb)
     assert figures >= 1
-    records = sorted((tmp_path / "runs").rglob("*.run.json"))
-    assert {r.parent.name for r in records} == set(sl.METHODS)
-    assert all(json.loads(r.read_text())["shots"] == 1 for r in records)
+    records = [json.loads((out / r).read_text()) for r in status["records"]]
+    asked = declared_parameters(NOTEBOOK_DIR / "03_methods.ipynb")["methods"]  # the chapter's default list
+    assert sorted(r["config"]["method"] for r in records) == sorted(asked)
+    assert all(r["config"]["shots"] == 1 for r in records)
 
 
 @pytest.mark.slow
-def test_04_scale_runs(tmp_path, kernel_env, monkeypatch):
-    monkeypatch.setattr(sys.modules[__name__], "MINICLIP", "not used")  # loads no model: needs no checkpoint
-    text, _ = _outputs(_execute("04_scale", tmp_path, kernel_env, monkeypatch))
+def test_04_scale_runs(smoke):
+    text, _, _ = _outputs(_executed(smoke, "04_scale")[0])
     assert "on colab-t4" in text and "on here (cpu)" in text and "measured by calibrate()" in text
+
+
+@pytest.mark.slow
+def test_05_results_default_run_is_clean(smoke):
+    text, figures, stderr = _outputs(_executed(smoke, "05_results")[0])
+    assert stderr == ""  # the book builds with warnings as errors; a stderr output is a warning
+    assert "cited" in text
+    shipped = ROOT / "results" / "miniworld"
+    assert figures >= (2 if shipped.is_dir() else 1)
+
+
+@pytest.mark.slow
+def test_run_protocol_runs_every_method_asked_and_lists_their_records(smoke):
+    out = smoke[0]
+    nb, status = _executed(smoke, "grids/run_protocol")
+    _outputs(nb)
+    records = [json.loads((out / r).read_text()) for r in status["records"]]
+    assert sorted(r["config"]["method"] for r in records) == ["safe", "tip_adapter", "zero_shot"]
+    assert all(r["config"]["shots"] == 1 and r["config"]["seed"] == 1 for r in records)
