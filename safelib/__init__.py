@@ -4,13 +4,16 @@ The library behind the SAFE book. The notebooks use only the names exported here
 The package is built in wings, each importing only from the wings below it (a test checks that too):
 
     atomic       crash-safe file writes                                     (ground)
-    clip/        the model: ResNet CLIP loading, exact attention pooling, zero-shot weights, the mini-CLIP
+    clip/        the model: ResNet CLIP loading, exact attention pooling, zero-shot weights and logits, the mini-CLIP
     data/        datasets, splits, prompt templates, the few-shot sampler, view loaders, the mini-world
     features/    dense maps: trunk extraction, the on-disk cache, placement while training
     methods/     zero-shot, baselines, SAFE, SAFE-A under one fit/predict protocol; SafeClassifier
     perf/        the cache planner and the rates measured on this machine
     runs/        RunConfig -> run() -> one JSON record; aggregation into tables
     book/, experiments/   figures and widgets for the chapters; the mini-CLIP's pretraining and acceptance
+    reproduce/   papermill grids of the notebooks, sharded and resumable            (top)
+
+docs/ARCHITECTURE.md says more, and where to start reading for SAFE.
 """
 from ._version import __version__
 
@@ -21,8 +24,10 @@ from .clip import (
     ClipModel,
     attention_pool,
     attention_weights,
+    class_logits,
     load_clip,
     random_clip,
+    spatial_attention,
     weight_tags,
     zero_shot_classifier,
 )
@@ -38,6 +43,7 @@ from .data import (
     SplitDataset,
     TargetTask,
     ViewSpec,
+    dataset_spec,
     get_dataset,
     list_datasets,
     load_few_shot,
@@ -49,13 +55,15 @@ from .data import (
 from .data import miniworld
 from .data import register as register_dataset
 from .data.imagenet_archive import archive_imageset, extract_images, index_train_archive
-from .data.miniworld_tasks import target_attention_mass, target_cells, target_grid_masks
+from .data.miniworld_tasks import has_targets
+from .data.targets import target_attention_mass, target_cells, target_grid_masks
 
 # --- features: dense maps, their cache and placement ---
 from . import features
 from .features import (
     CacheEntry,
     CacheError,
+    DenseMaps,
     cache_features,
     cache_image_features,
     dense_features,
@@ -79,6 +87,7 @@ from .methods import (
 )
 from .methods.blend import BlendChoice, blend_features, choose_blend, fixed_blend, sweep_blend
 from .methods.classifier import SafeClassifier
+from .methods.reference import reference_method_configs
 from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
 
 # --- performance: where the cache lives, measured rates ---
@@ -89,4 +98,4 @@ from .runs import RunConfig, RunConfigError, provenance, read_record, run, run_g
 from .runs.aggregate import aggregate, load_records, summary_table
 
 # --- book: figures and explorers ---
-from .book import plots, widgets
+from .book import plots, realcheck, widgets

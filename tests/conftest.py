@@ -3,10 +3,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import open_clip  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
 import safelib as sl  # noqa: E402
+
+
+def build_tiny_clip(seed: int = 0) -> "sl.ClipModel":
+    """A random ResNet CLIP small enough for many CPU tests: 64 px, 2x2 grid, C=256, D=32, 4 heads, 16-token prompts.
+
+    Wrapped by ``sl.clip.wrap_clip`` exactly as ``load_clip`` wraps its models (frozen, eval transform, tokenizer).
+    """
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=64,
+                                                                  head_width=64),
+                           text_cfg=CLIPTextCfg(context_length=16, width=32, heads=2, layers=1))
+    return sl.clip.wrap_clip("tiny", None, model, open_clip.get_tokenizer("RN50", context_length=16))
 
 
 @pytest.fixture(scope="session")
@@ -17,19 +31,14 @@ def rn50() -> "sl.ClipModel":
 
 @pytest.fixture(scope="session")
 def tiny_clip() -> "sl.ClipModel":
-    """A random ResNet CLIP small enough that text-side tests take milliseconds, not minutes."""
-    import open_clip
+    """One tiny CLIP shared by the whole session: for tests that only read it."""
+    return build_tiny_clip()
 
-    from safelib.clip.models import _wrap
 
-    torch.manual_seed(0)
-    model = open_clip.CLIP(
-        embed_dim=64,
-        vision_cfg=open_clip.CLIPVisionCfg(layers=(1, 1, 1, 1), width=16, image_size=64),
-        text_cfg=open_clip.CLIPTextCfg(context_length=77, width=64, heads=2, layers=2),
-        quick_gelu=True,
-    )
-    return _wrap("tiny", None, model, open_clip.get_tokenizer("RN50"))
+@pytest.fixture(scope="session")
+def make_tiny_clip():
+    """``build_tiny_clip`` itself, for tests that need their own copy or another seed: ``make_tiny_clip(seed=1)``."""
+    return build_tiny_clip
 
 
 @pytest.fixture(autouse=True)

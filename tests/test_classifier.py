@@ -11,16 +11,15 @@ from safelib.methods.classifier import SafeClassifier
 from safelib.features.extract import dense_features, pooled_features
 from safelib.methods.base import ClipHead, FewShotData, SplitFeatures
 from safelib.methods.blend import blend_features
-from safelib.methods.safe import Safe, SafeConfig, trainable_attnpool
-from test_features import tiny_clip
+from safelib.methods.safe import Safe, SafeConfig, safe_logits, trainable_attnpool
 
 CLASSES = ("circle", "square", "star")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
+def clip(make_tiny_clip):
+    return make_tiny_clip()
 
 
 @pytest.fixture()
@@ -59,9 +58,9 @@ def test_save_load_round_trip(clip, classifier, tmp_path):
         assert torch.equal(loaded.attnpool.state_dict()[name], value)
 
 
-def test_loading_onto_another_model_is_a_clear_error(clip, classifier, tmp_path):
+def test_loading_onto_another_model_is_a_clear_error(clip, classifier, tmp_path, make_tiny_clip):
     path = classifier.save(tmp_path / "c.safetensors")
-    other = tiny_clip(seed=1)
+    other = make_tiny_clip(seed=1)
     with pytest.raises(ValueError, match="weights.*differ"):
         SafeClassifier.load(path, other)
     renamed = sl.ClipModel("RN50", None, clip.model, None, None)
@@ -101,11 +100,15 @@ def test_from_a_fitted_safe_method(clip, tmp_path):
     data = FewShotData(SplitFeatures(labels, dense=dense), SplitFeatures(labels, dense=dense), head)
     with pytest.raises(RuntimeError, match="fit"):
         SafeClassifier.from_safe(clip, Safe(), TEMPLATES)
+    with pytest.raises(TypeError, match="fitted Safe method"):
+        SafeClassifier.from_safe(clip, sl.make_method("zero_shot"), TEMPLATES)
     method = Safe(dataclasses.replace(SafeConfig(), epochs=1, batch_size=4)).fit(data)
     packaged = SafeClassifier.from_safe(clip, method, TEMPLATES)
     assert packaged.blend == method.blend.blend and packaged.classnames == CLASSES
-    torch.testing.assert_close(packaged.features_from_dense(dense[0]) @ text * clip.logit_scale,
-                               method.predict(SplitFeatures(labels, dense=dense)), rtol=1e-4, atol=1e-4)
+    # one predict path: the packaged state gives Safe's own logits, to the bit
+    logits = safe_logits(packaged.attnpool, packaged.clip.attnpool, dense[0], packaged.text_weights,
+                         packaged.clip.logit_scale, packaged.blend)
+    assert torch.equal(logits, method.predict(SplitFeatures(labels, dense=dense)))
 
 
 def test_load_without_a_model_loads_the_saved_backbone(clip, classifier, tmp_path, monkeypatch):

@@ -3,33 +3,19 @@ import json
 import os
 
 import numpy as np
-import open_clip
 import pytest
 import torch
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import safelib as sl
 from safelib.features import cache as cache_mod
 from safelib.features.cache import CacheError, CacheWriter, cache_key, find_entry, open_entry
+from safelib.features.maps import DenseMaps
 from safelib.features.extract import cache_features, dense_features, feature_cache_fields, pooled_features, tensor_batches
 
 
-def tiny_clip(seed: int = 0) -> "sl.ClipModel":
-    """A ResNet CLIP small enough for many CPU tests: 64 px, 2x2 grid, C=256, D=32, 4 heads."""
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=64,
-                                                                  head_width=64),
-                           text_cfg=CLIPTextCfg(context_length=16, width=32, heads=2, layers=1))
-    model.eval().requires_grad_(False)
-    open_clip.set_model_preprocess_cfg(model, {"size": 64, "mode": "RGB", "mean": sl.data.CLIP_MEAN,
-                                               "std": sl.data.CLIP_STD, "interpolation": "bicubic",
-                                               "resize_mode": "shortest", "fill_color": 0})
-    return sl.ClipModel("tiny", None, model, preprocess=None, tokenizer=None)
-
-
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
+def clip(make_tiny_clip):
+    return make_tiny_clip()
 
 
 def _fields(clip, n, views=2, **overrides):
@@ -328,7 +314,7 @@ def test_a_build_waits_for_another_builder_of_the_same_entry(clip, tmp_path):
     assert result["entry"].num_rows == 3
 
 
-def test_cache_key_changes_with_the_weights_not_only_their_name():
+def test_cache_key_changes_with_the_weights_not_only_their_name(make_tiny_clip):
     """A re-trained model that keeps its name ("shipped", a path) must not be served the old maps."""
     from safelib.features.cache import cache_key
     from safelib.features.extract import feature_cache_fields
@@ -337,8 +323,50 @@ def test_cache_key_changes_with_the_weights_not_only_their_name():
         return cache_key(feature_cache_fields(clip, kind="dense", dataset="d", split="train", ids=["x"],
                                               transform="t", views=1, view_seed=0))
 
-    same, retrained = tiny_clip(), tiny_clip()
-    assert key(same) == key(tiny_clip())
+    same, retrained = make_tiny_clip(), make_tiny_clip()
+    assert key(same) == key(make_tiny_clip())
     with torch.no_grad():
         retrained.model.visual.layer4[0].conv1.weight.mul_(1.5)
     assert retrained.pretrained == same.pretrained and key(retrained) != key(same)
+
+
+# --- DenseMaps: one type for every form dense maps come in ---------------------------------------
+
+def _entry_of(tmp_path, maps: torch.Tensor):
+    writer = CacheWriter(tmp_path, {"maps": 1}, rows=maps.shape[1], item_shape=tuple(maps.shape[2:]),
+                         views=maps.shape[0])
+    writer.write(maps)
+    return writer.finish()
+
+
+def test_dense_maps_take_every_form_and_check_it_once(tmp_path):
+    dense = torch.rand(2, 5, 8, 2, 2, generator=torch.Generator().manual_seed(0)).half()
+    entry = _entry_of(tmp_path, dense)
+    forms = {"tensor": dense, "cache entry": entry, "memmaps": entry.view_arrays, "arrays": [v.numpy() for v in dense],
+             "tensors": list(dense), "5-D array": dense.numpy()}
+    for name, form in forms.items():
+        maps = DenseMaps.of(form)
+        assert DenseMaps.of(maps) is maps
+        assert (maps.shape, maps.num_views, maps.num_images, maps.map_shape, maps.dtype) == \
+               ((2, 5, 8, 2, 2), 2, 5, (8, 2, 2), torch.float16), name
+        assert maps.map_bytes == 8 * 2 * 2 * 2 and maps.nbytes == 2 * 5 * maps.map_bytes
+        assert len(maps) == 2 and torch.equal(maps[1], dense[1]) and torch.equal(maps.view(0), dense[0]), name
+    one = DenseMaps.of(dense[0])  # N x C x H x W: one view, as val and test carry
+    assert one.shape == (1, 5, 8, 2, 2) and torch.equal(one.eval_view(), dense[0])
+    with pytest.raises(ValueError, match="exactly one eval view; got 2"):
+        DenseMaps.of(dense).eval_view()
+    with pytest.raises(ValueError, match="views x N x C x H x W"):
+        DenseMaps.of(dense[0, 0])
+    with pytest.raises(ValueError, match="share one N x C x H x W shape"):
+        DenseMaps.of([dense[0].numpy(), dense[1, :3].numpy()])
+    with pytest.raises(TypeError, match="CacheEntry"):
+        DenseMaps.of("maps")
+
+
+def test_a_cache_entry_view_is_wrapped_not_read(tmp_path):
+    entry = _entry_of(tmp_path, torch.rand(2, 5, 8, 2, 2).half())
+    maps = DenseMaps.of(entry)
+    assert maps.placement == "memmap" and maps.path == entry.path
+    assert maps.view(1).data_ptr() == entry[1].ctypes.data  # the memmap's own pages: nothing copied
+    placed = maps.placed("device")
+    assert placed.placement == "device" and placed.path == entry.path and torch.equal(placed.view(1), maps.view(1))

@@ -10,7 +10,6 @@ from safelib.methods import ClipHead, FewShotData, SplitFeatures, accuracy, make
 from safelib.methods.blend import blend_features
 from safelib.methods.safe import Safe, SafeConfig
 from safelib.methods.tip_adapter import tip_logits
-from test_features import tiny_clip
 
 K = 3
 FAST = {
@@ -24,8 +23,8 @@ ADAPTERS = {
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
+def clip(make_tiny_clip):
+    return make_tiny_clip()
 
 
 @pytest.fixture(scope="module")

@@ -133,20 +133,29 @@ def test_load_clip_miniclip_through_the_public_api():
 
 @shipped
 @pytest.mark.slow
-def test_safe_comparison_regression():
-    """A small, deterministic version of the issue-5 table: SAFE should beat zero-shot and look at the target."""
+def test_safe_comparison_regression(tmp_path):
+    """A small, deterministic version of the issue-5 table: SAFE should beat zero-shot and look at the target.
+
+    Its runs are ordinary run records (``safelib.runs``); the summary points at them.
+    """
     from safelib.experiments.miniclip_eval import EvalConfig, evaluate, markdown_table
+    from safelib.runs import read_record
 
     config = EvalConfig(task="miniworld_colour_largest", shots=8, seeds=(1,), pool_per_class=(8, 4, 20),
-                        rows=("zero-shot", "SAFE (all)"),
+                        rows=("zero-shot", "SAFE (all)"), train_views=2,
                         safe={"epochs": 30, "lr": 1e-3, "batch_size": 16})
-    record = evaluate(config, progress=False)
-    print(markdown_table(record))
-    zero_shot, safe = record["per_seed"]["zero-shot"][0], record["per_seed"]["SAFE (all)"][0]
+    cache = str(tmp_path / "cache")
+    summary = evaluate(config, cache_dir=cache, out_dir=str(tmp_path / "runs"), progress=False)
+    print(markdown_table(summary))
+    zero_shot, safe = summary["per_seed"]["zero-shot"][0], summary["per_seed"]["SAFE (all)"][0]
+    record = read_record(tmp_path / "runs" / safe["record"])
+    assert record["test_acc"] == safe["test_acc"] and record["config"]["method_config"]["trainable"] == "all"
     assert safe["test_acc"] >= zero_shot["test_acc"] + 5.0
-    assert safe["target_mass"] > record["original_target_mass"]
-    again = evaluate(EvalConfig(**{**config.__dict__, "rows": ("SAFE (all)",)}), progress=False)
+    assert safe["target_mass"] > summary["original_target_mass"] == zero_shot["target_mass"]
+    again = evaluate(EvalConfig(**{**config.__dict__, "rows": ("SAFE (all)",)}), cache_dir=cache,
+                     out_dir=str(tmp_path / "again"), progress=False)
     assert again["per_seed"]["SAFE (all)"][0]["test_acc"] == safe["test_acc"]  # deterministic under the seed
+    assert again["per_seed"]["SAFE (all)"][0]["target_mass"] == safe["target_mass"]
 
 
 def test_init_from_starts_a_phase_from_given_weights(tmp_path):
@@ -166,3 +175,22 @@ def test_init_from_starts_a_phase_from_given_weights(tmp_path):
     bad = PretrainConfig(model=other, steps=1, batch_size=4, warmup_steps=1, init_from=str(tmp_path / "out.safetensors"))
     with pytest.raises((ValueError, RuntimeError)):
         pretrain(bad, tmp_path / "w2", None, log_path=None, eval_every=0, progress=False)
+
+
+@pytest.mark.parametrize("task", ["shape", "colour"])
+def test_shipped_acceptance_summary_points_at_its_run_records(task):
+    """The shipped acceptance numbers are ordinary run records; the summary copies nothing else."""
+    from safelib.runs import RunConfig, read_record
+
+    assets = CHECKPOINT.parent
+    summary = json.loads((assets / f"miniclip_safe_{task}_largest.json").read_text())
+    assert summary["format"] == "safelib.miniclip_eval/2" and set(summary["per_seed"]) == {
+        "zero-shot", "linear probe", "SAFE (all)", "SAFE (attention)", "SAFE (values)"}
+    for row, runs in summary["per_seed"].items():
+        assert [r["seed"] for r in runs] == [1, 2, 3]
+        for entry in runs:
+            record = read_record(assets / "miniclip_eval" / entry["record"])
+            config = RunConfig.from_dict(record["config"])
+            assert config.dataset == f"miniworld_{task}_largest" and config.shots == 16
+            assert record["test_acc"] == entry["test_acc"] and config.seed == entry["seed"]
+            assert 0.0 <= entry["target_mass"] <= 1.0

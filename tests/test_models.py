@@ -94,3 +94,17 @@ def test_miniclip_loads_offline_and_names_its_weights() -> None:
     assert clip.pretrained == "shipped" and sl.load_clip("miniclip", pretrained="shipped").pretrained == "shipped"
     assert (clip.image_size, clip.grid) == (128, 4)
     assert not clip.model.training and all(not p.requires_grad for p in clip.model.parameters())
+
+
+def test_any_local_weights_file_gets_quick_gelu(tmp_path, rn50: sl.ClipModel) -> None:
+    """load_clip asks once whether `pretrained` is a local file, and a file (any name) gets QuickGELU."""
+    path = tmp_path / "rn50-weights"  # no suffix: still a file of published-style weights
+    torch.save(rn50.model.state_dict(), path)
+    assert text_activation(sl.load_clip("RN50", pretrained=path)) is QuickGELU
+
+
+def test_a_hand_built_model_is_wrapped_like_a_loaded_one(tiny_clip: sl.ClipModel) -> None:
+    """`wrap_clip` gives a model built by hand CLIP's preprocessing, frozen, as `load_clip` does."""
+    assert tiny_clip.mean == sl.data.CLIP_MEAN and tiny_clip.std == sl.data.CLIP_STD
+    assert tiny_clip.preprocess is not None and not tiny_clip.model.training
+    assert all(not p.requires_grad for p in tiny_clip.model.parameters())

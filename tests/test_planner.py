@@ -2,6 +2,8 @@
 import io
 import math
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -148,12 +150,23 @@ def test_streamed_reader_reads_ahead_the_same_batches(small_task, tmp_path):
         torch.testing.assert_close(b1, dense[views[r1], r1].float(), rtol=0, atol=0)
 
 
+def _readers_alive() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "safelib-map-reader" and t.is_alive()]
+
+
 def test_streamed_reader_stops_cleanly_when_training_stops_early(small_task, tmp_path):
     maps = _write_views(tmp_path, small_task[1])
+    assert _readers_alive() == []
     batches = StreamedMaps(maps, prefetch=1, pin=False).epoch_batches(torch.arange(20), torch.zeros(20, dtype=torch.long),
                                                                       2, torch.device("cpu"))
     next(batches)
+    assert len(_readers_alive()) == 1
+    time.sleep(0.3)  # let the reader fill its queue and block on the next put
     batches.close()  # the reader thread must not hang on its full queue
+    deadline = time.monotonic() + 5.0
+    while _readers_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _readers_alive() == [], "the map reader thread outlived the training loop"
 
 
 def test_pinned_needs_cuda(small_task):

@@ -3,11 +3,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 import safelib as sl  # noqa: E402
 from safelib.book import plots  # noqa: E402
@@ -26,15 +26,6 @@ def test_attention_grid_drops_the_mean_token_and_renormalises():
     np.testing.assert_allclose(heat[0].ravel(), (expected / expected.sum()).numpy(), rtol=1e-5)
 
 
-def test_attention_grid_matches_target_attention_mass():
-    attention = _attention(n=2)
-    coverage = np.zeros((2, 4, 4), dtype=np.float32)
-    coverage[:, 1:3, 1:3] = 1.0
-    heat = plots.attention_grid(attention)
-    mass = sl.target_attention_mass(attention, coverage)
-    np.testing.assert_allclose(heat[:, 1:3, 1:3].sum((1, 2)), mass.numpy(), rtol=1e-5)
-
-
 def test_attention_grid_refuses_non_square_grids():
     with pytest.raises(ValueError, match="square"):
         plots.attention_grid(torch.rand(1, 2, 1 + 6))
@@ -42,35 +33,80 @@ def test_attention_grid_refuses_non_square_grids():
         plots.attention_grid(torch.rand(2, 17))
 
 
-def test_attention_figures_draw_over_images(tmp_path):
+def _heat(ax) -> np.ndarray:
+    """The attention map drawn over the image in a panel (the second image on the axes)."""
+    return np.asarray(ax.get_images()[1].get_array())
+
+
+def test_attention_figures_draw_each_images_own_map_over_it(tmp_path):
     images = [np.full((32, 32, 3), 200, dtype=np.uint8) for _ in range(3)]
     coverage = np.zeros((3, 4, 4), dtype=np.float32)
     coverage[:, :2, :2] = 1.0
-    fig = plots.show_attention(images, _attention(), titles=["a", "b", "c"], coverage=coverage, columns=2)
-    assert isinstance(fig, Figure) and len(fig.axes) == 4
-    assert len(fig.axes[0].patches) == 4  # the 2 x 2 target cells are boxed
+    attention = _attention()
+    fig = plots.show_attention(images, attention, titles=["a", "b", "c"], coverage=coverage, columns=2)
+    assert len(fig.axes) == 4 and not fig.axes[3].axison  # 3 panels on a 2 x 2 grid, the last one blank
+    heat = plots.attention_grid(attention)
+    for i in range(3):
+        np.testing.assert_array_equal(_heat(fig.axes[i]), heat[i])
+        assert fig.axes[i].get_title() == "abc"[i]
+    assert fig.axes[0].get_images()[1].get_clim() == (0, pytest.approx(heat.max()))  # one colour scale
+    boxes = sorted((r.get_x(), r.get_y()) for r in fig.axes[0].patches)
+    assert boxes == [(0, 0), (0, 8), (8, 0), (8, 8)]  # the target's 2 x 2 cells of 8 px, boxed
     fig.savefig(tmp_path / "maps.png")
-    fig = plots.attention_before_after(images, _attention(), _attention(), coverage=coverage, titles=list("abc"),
+    plt.close(fig)
+
+    before, after = _attention(), _attention()
+    fig = plots.attention_before_after(images, before, after, coverage=coverage, titles=list("abc"),
                                        masses=([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]))
-    assert any(t.get_text() == "on target 0.40" for t in fig.axes[3].texts)
     assert len(fig.axes) == 6
+    np.testing.assert_array_equal(_heat(fig.axes[1]), plots.attention_grid(before)[1])  # row 0: before
+    np.testing.assert_array_equal(_heat(fig.axes[4]), plots.attention_grid(after)[1])   # row 1: after
+    assert [t.get_text() for t in fig.axes[3].texts] == ["on target 0.40"]
+    assert fig.axes[0].get_ylabel() == "original pooling" and fig.axes[3].get_ylabel() == "fine-tuned pooling"
     fig.savefig(tmp_path / "before_after.png")
+    plt.close(fig)
     with pytest.raises(ValueError, match="images"):
         plots.show_attention(images[:2], _attention())
 
 
-def test_curves_and_sweep(tmp_path):
-    fig = plots.plot_training_curve([2.0, 1.5, 1.2], [0.3, 0.5, 0.7])
-    fig.savefig(tmp_path / "curve.png")
+def test_training_curve_draws_loss_and_accuracy_per_epoch():
+    fig = plots.plot_training_curve([2.0, 1.5, 1.2], [30.0, 50.0, 70.0])
+    loss_ax, accuracy_ax = fig.axes
+    (loss,), (accuracy,) = loss_ax.lines, accuracy_ax.lines
+    np.testing.assert_array_equal(loss.get_xdata(), [1, 2, 3])  # epochs count from 1
+    np.testing.assert_array_equal(loss.get_ydata(), [2.0, 1.5, 1.2])
+    np.testing.assert_array_equal(accuracy.get_xdata(), [1, 2, 3])
+    np.testing.assert_array_equal(accuracy.get_ydata(), [30.0, 50.0, 70.0])  # percent, as given
+    assert len(plots.plot_training_curve([1.0, 0.5]).axes) == 1  # no accuracies, no second axis
+    plt.close("all")
+
+
+def test_blend_sweep_draws_every_point_and_marks_the_choice():
     sweep = sl.sweep_blend(torch.randn(8, 4), torch.randn(8, 4), torch.arange(8) % 2,
                            torch.nn.functional.normalize(torch.randn(4, 2), dim=0), 10.0, grid=(0.0, 0.5, 1.0))
     fig = plots.plot_blend_sweep(sweep, chosen=0.5)
-    fig.savefig(tmp_path / "sweep.png")
-    fig = plots.plot_blend_sweep([{"blend": 0.0, "accuracy": 0.5, "cross_entropy": 1.0},
-                                  {"blend": 1.0, "accuracy": 0.7, "cross_entropy": 0.8}])
-    assert isinstance(fig, Figure)
+    accuracy_ax, entropy_ax = fig.axes
+    accuracy, chosen = accuracy_ax.lines
+    np.testing.assert_array_equal(accuracy.get_xdata(), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(accuracy.get_ydata(), [p.accuracy for p in sweep])
+    np.testing.assert_array_equal(entropy_ax.lines[0].get_ydata(), [p.cross_entropy for p in sweep])
+    np.testing.assert_array_equal(chosen.get_xdata(), [0.5, 0.5])  # the vertical line at the chosen blend
+    assert [t.get_text() for t in accuracy_ax.texts] == ["chosen 0.5"]
+
+    fig = plots.plot_blend_sweep([{"blend": 0.0, "accuracy": 50.0, "cross_entropy": 1.0},
+                                  {"blend": 1.0, "accuracy": 70.0, "cross_entropy": 0.8}])
+    (accuracy,) = fig.axes[0].lines  # the record form; nothing chosen, nothing marked
+    np.testing.assert_array_equal(accuracy.get_ydata(), [50.0, 70.0])
+    assert len(fig.axes[0].texts) == 0
+    plt.close("all")
+
+
+def test_target_mass_puts_before_on_x_and_after_on_y():
     fig = plots.plot_target_mass([0.2, 0.3], [0.4, 0.5])
-    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[0.2, 0.4], [0.3, 0.5]])
+    np.testing.assert_array_equal(ax.lines[0].get_xydata(), [[0, 0], [1, 1]])  # the diagonal: no change
+    plt.close(fig)
 
 
 def test_accuracy_vs_shots_from_records(tmp_path):
@@ -80,7 +116,15 @@ def test_accuracy_vs_shots_from_records(tmp_path):
     })
     fig = plots.plot_accuracy_vs_shots(records)
     fig.savefig(tmp_path / "shots.png")
-    assert fig.axes[0].get_xlabel() == "shots per class"
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "shots per class" and ax.get_title() == "toy (seeds 1, 2)"
+    zero_shot, safe = ax.lines[:2]  # one line per method, the mean over seeds
+    np.testing.assert_array_equal(zero_shot.get_xdata(), [1, 4])
+    np.testing.assert_array_equal(zero_shot.get_ydata(), [51.0, 51.0])
+    np.testing.assert_array_equal(safe.get_ydata(), [56.0, 71.0])
+    assert len(ax.collections) == 2  # and a +- 1 std band each
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["zero_shot", "safe"]
+    plt.close(fig)
     with pytest.raises(ValueError, match="columns"):
         plots.plot_accuracy_vs_shots(records.drop(columns="seed"))
     with pytest.raises(ValueError, match="no records"):

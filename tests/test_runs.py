@@ -1,6 +1,8 @@
 """Run records: validated configs, end-to-end runs on a toy dataset, resume, atomic writes, aggregation."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import math
 from dataclasses import dataclass
@@ -21,7 +23,6 @@ from safelib.runs.__main__ import main as cli_main
 from safelib import data
 from safelib.runs.aggregate import BENCHMARK_MEAN, aggregate, benchmark_mean, load_records, summary_table
 from safelib.runs import RunConfig, RunConfigError, read_record, run, write_record
-from test_features import tiny_clip
 
 TOY = "toy_runs"
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230))
@@ -60,9 +61,9 @@ def toy_dataset():
 
 
 @pytest.fixture(scope="module")
-def clip():
+def clip(make_tiny_clip):
     """A tiny random ResNet CLIP standing in for RN50 (random weights): plumbing, not accuracy."""
-    model = tiny_clip()
+    model = make_tiny_clip()
     return sl.ClipModel("RN50", None, model.model, preprocess=None,
                         tokenizer=open_clip.get_tokenizer("RN50", context_length=16))
 
@@ -97,9 +98,17 @@ def test_bad_config_is_rejected_naming_the_field(tmp_path, field, value, message
 
 def test_config_round_trips_and_identity_ignores_where_files_live(tmp_path):
     config = _config(tmp_path, method_config={"alphas": [1.0, 2.0]})
-    assert config.method_config["alphas"] == [1.0, 2.0] and "betas" in config.method_config  # full, with defaults
+    assert isinstance(config.method_config, sl.methods.TipAdapterConfig)  # typed, held once
+    assert config.method_config.alphas == (1.0, 2.0)
+    plain = config.to_dict()["method_config"]
+    assert plain["alphas"] == [1.0, 2.0] and plain["betas"] == list(config.method_config.betas)  # full, with defaults
     again = RunConfig.from_dict(config.to_dict())
-    assert again.identity == config.identity
+    assert again == config and again.identity == config.identity
+    typed = _config(tmp_path, method_config=sl.methods.TipAdapterConfig(alphas=(1.0, 2.0)))
+    assert typed == config and typed.identity == config.identity  # a MethodConfig is taken as it is
+    assert dataclasses.replace(config, seed=2).method_config is config.method_config
+    with pytest.raises(RunConfigError, match="RunConfig.method_config: .*TipAdapterConfig.*got SafeConfig"):
+        _config(tmp_path, method_config=sl.SafeConfig())
     moved = _config(tmp_path / "elsewhere", method_config={"alphas": [1.0, 2.0]})
     assert moved.identity == config.identity and moved.record_path() != config.record_path()
     other_seed = _config(tmp_path, seed=2, method_config={"alphas": [1.0, 2.0]})
@@ -121,23 +130,25 @@ def test_run_writes_a_complete_record_and_resumes(tmp_path, clip, monkeypatch):
     assert set(record["timings"]) == {"load_model", "sample", "text_classifier", "features", "fit", "predict"}
     assert record["wall_seconds"] == pytest.approx(sum(record["timings"].values()))
     assert record["peak_memory_mb"]["process_max_rss"] > 0
-    assert record["libraries"]["torch"] == torch.__version__.split("+")[0] or record["libraries"]["torch"]
+    assert record["libraries"]["torch"] == importlib.metadata.version("torch")
+    assert record["libraries"]["numpy"] == importlib.metadata.version("numpy")
     assert record["safelib_version"] == sl.__version__
     assert record["num_images"] == {"train": 6, "val": 6, "test": 12}
     ids = json.loads((path.parent / record["sampled_ids"]).read_text())
     assert len(ids["train"]["ids"]) == 6 and ids["seed"] == 1
     assert record["config"]["method_config"]["alphas"] == list(sl.methods.TipAdapterConfig().alphas)
 
-    # A rerun finds the record and does no work at all.
-    import safelib.runs.runner
+    assert not {"dataset", "method", "backbone", "weights", "shots", "seed", "setting"} & set(record)  # in config only
+    assert record["config"] == config.to_dict() and record["identity"] == config.identity
 
-    monkeypatch.setattr(safelib.runs.runner, "make_method", lambda *a, **k: pytest.fail("a finished run was redone"))
+    # A rerun finds the record and does no work at all.
+    monkeypatch.setattr(runner, "_run", lambda *a, **k: pytest.fail("a finished run was redone"))
     assert run(config, clip=clip) == read_record(path)
 
 
 def test_runs_share_the_feature_cache_and_differ_by_seed(tmp_path, clip):
     first = run(_config(tmp_path, method="zero_shot"), clip=clip)
-    second = run(_config(tmp_path, method="linear_probe"), clip=clip)
+    second = run(_config(tmp_path, method="tip_adapter"), clip=clip)
     assert second["timings"]["features"] < first["timings"]["features"] + 5.0
     caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(caches) == 3  # train, val, test: read again, not rebuilt, by the second method
@@ -200,9 +211,11 @@ def test_read_record_rejects_other_files(tmp_path):
 
 # --- aggregation --------------------------------------------------------------------------------------
 
-def _fake_record(dataset, method, shots, seed, acc, setting="s1"):
-    return {"format": runs.RECORD_FORMAT, "dataset": dataset, "method": method, "backbone": "RN50",
-            "weights": "openai", "setting": setting, "shots": shots, "seed": seed, "val_acc": acc + 1.0,
+def _fake_record(dataset, method, shots, seed, acc, method_config=None, dataset_options=None):
+    config = {"dataset": dataset, "dataset_options": dataset_options or {}, "method": method, "backbone": "RN50",
+              "weights": "openai", "shots": shots, "seed": seed, "method_config": method_config or {},
+              "train_views": 10}
+    return {"format": runs.RECORD_FORMAT, "config": config, "val_acc": acc + 1.0,
             "test_acc": acc, "wall_seconds": 2.0, "chosen": {}, "git_commit": None}
 
 
@@ -249,8 +262,8 @@ def test_benchmark_mean_needs_every_dataset(tmp_path):
 
 
 def test_aggregate_keeps_settings_apart(tmp_path):
-    write_record(tmp_path / "a.run.json", _fake_record("dtd", "safe", 1, 1, 40.0, setting="lr1"))
-    write_record(tmp_path / "b.run.json", _fake_record("dtd", "safe", 1, 1, 60.0, setting="lr2"))
+    write_record(tmp_path / "a.run.json", _fake_record("dtd", "safe", 1, 1, 40.0, method_config={"lr": 1e-3}))
+    write_record(tmp_path / "b.run.json", _fake_record("dtd", "safe", 1, 1, 60.0, method_config={"lr": 1e-2}))
     table = aggregate(load_records(str(tmp_path / "*.run.json")))
     assert sorted(table.test_acc_mean) == [40.0, 60.0]
     with pytest.raises(ValueError, match="at least one"):
@@ -262,7 +275,7 @@ def test_aggregate_keeps_settings_apart(tmp_path):
 # --- the command line ---------------------------------------------------------------------------------
 
 def test_cli_runs_the_grid_and_prints_the_table(tmp_path, clip, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "_load_clip", lambda *a: clip)
+    monkeypatch.setattr(runner, "load_clip", lambda *a, **k: clip)
     argv = ["--dataset", TOY, "--methods", "zero_shot", "tip_adapter", "--shots", "1", "2", "--seeds", "1", "2",
             "--backbone", "RN50", "--weights", "none", "--train-views", "2",
             "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "runs")]
@@ -293,7 +306,7 @@ def test_every_method_beats_chance_with_the_shipped_miniclip(tmp_path):
         weights="shipped", train_views=4, dataset_options={"per_class": [16, 4, 20]},
         cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"),
     )
-    accuracies = {r["method"]: r["test_acc"] for r in records}
+    accuracies = {r["config"]["method"]: r["test_acc"] for r in records}
     assert set(accuracies) == set(sl.METHODS)
     assert all(acc > 100 / 6 + 10 for acc in accuracies.values()), accuracies
 
@@ -307,14 +320,29 @@ def test_dense_runs_record_the_cache_plan(tmp_path, clip):
     assert runs.run(_config(tmp_path, method="zero_shot"), clip=clip)["cache_plan"] is None
 
 
-def test_summary_table_keeps_every_setting_of_a_method():
-    """Two settings of one method at one shot count are two rows, not one silently dropped."""
-    rows = [dict(dataset="toy", backbone="RN50", weights="openai", method="safe", setting=setting, shots=1,
-                 seed=seed, val_acc=acc, test_acc=acc, wall_seconds=1.0)
-            for setting, acc in (("lr-a", 50.0), ("lr-b", 90.0)) for seed in (1, 2)]
-    summary = summary_table(aggregate(pd.DataFrame(rows)))
-    assert len(summary) == 2
-    assert {cell.split(" ")[0] for cell in summary[1]} == {"50.0", "90.0"}
+def test_summary_table_keeps_every_setting_of_a_method_and_names_it_in_words(tmp_path):
+    """Two settings of one method at one shot count are two rows, named by the fields that differ."""
+    for lr, acc in ((1e-3, 50.0), (1e-2, 90.0)):
+        for seed in (1, 2):
+            write_record(tmp_path / f"{lr}_{seed}.run.json",
+                         _fake_record("toy", "safe", 1, seed, acc, method_config={"lr": lr, "epochs": 30}))
+    write_record(tmp_path / "zs.run.json", _fake_record("toy", "zero_shot", 1, 1, 30.0))
+    summary = summary_table(aggregate(load_records(tmp_path)))
+    assert len(summary) == 3
+    assert summary.loc[("toy", "safe", "lr=0.001"), 1].startswith("50.0")
+    assert summary.loc[("toy", "safe", "lr=0.01"), 1].startswith("90.0")
+    assert summary.loc[("toy", "zero_shot", ""), 1].startswith("30.0")
+
+
+def test_aggregation_never_merges_runs_on_other_dataset_options(tmp_path):
+    """Issue 16 (P.2): runs on one task with other options (another task seed) are other data."""
+    for seed, acc in ((0, 30.0), (7, 40.0)):
+        write_record(tmp_path / f"{seed}.run.json", _fake_record("miniworld_shape_largest", "zero_shot", 1, 1, acc,
+                                                                  dataset_options={"seed": seed}))
+    table = aggregate(load_records(tmp_path))
+    assert sorted(table.test_acc_mean) == [30.0, 40.0] and list(table.n_seeds) == [1, 1]
+    summary = summary_table(table)
+    assert summary.loc[("miniworld_shape_largest", "zero_shot", "seed=7"), 1] == "40.0 (1)"
 
 
 def test_run_grid_refuses_overrides_for_methods_it_does_not_run(tmp_path):
@@ -326,3 +354,141 @@ def test_run_grid_refuses_overrides_for_methods_it_does_not_run(tmp_path):
 def test_safe_with_batches_of_one_runs_through_the_planner(tmp_path, clip):
     record = runs.run(_config(tmp_path, method="safe", method_config={"epochs": 1, "batch_size": 1}), clip=clip)
     assert record["cache_plan"]["workload"]["batch_size"] == 1
+
+
+# --- typed configs, identity, test datasets, fitted runs ------------------------------------------
+
+def test_earlier_records_keep_their_names():
+    """The identity (the record's file name) of a default config is what it was before the config
+    held a typed method config and a test dataset (hashes taken at commit ec015ed)."""
+    expected = {"safe": "0a0026328b", "tip_adapter": "804db43feb", "safe_a_tip": "972dad85f9"}
+    got = {m: RunConfig(dataset="miniworld_shape_largest", method=m, shots=1, seed=1).identity for m in expected}
+    assert got == expected
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"test_dataset": "imagenet_z"}, r"RunConfig\.test_dataset: unknown dataset 'imagenet_z'"),
+    ({"test_dataset_options": {"style": "textured"}}, r"RunConfig\.test_dataset_options: .*need a test_dataset"),
+    ({"dataset": "dtd", "dataset_options": {"seed": 1}}, r"RunConfig\.dataset_options: 'dtd' takes no options"),
+    ({"test_dataset": "imagenet_a", "test_dataset_options": {"x": 1}},
+     r"RunConfig\.test_dataset_options: 'imagenet_a' takes no options"),
+])
+def test_bad_test_dataset_is_rejected(tmp_path, changes, message):
+    with pytest.raises(RunConfigError, match=message):
+        _config(tmp_path, **changes)
+
+
+def test_registry_says_which_datasets_take_options_and_have_targets():
+    assert data.dataset_spec("miniworld_shape_largest").accepts_options
+    assert not data.dataset_spec("imagenet").accepts_options and not data.dataset_spec("imagenet_r").accepts_options
+    task = data.get_dataset("miniworld_shape_largest", per_class=[1, 1, 1])
+    assert sl.has_targets(task.test) and sl.has_targets(data.sample_few_shot(task, 1, 1)[0])
+    assert not sl.has_targets(data.get_dataset(TOY).test)
+
+
+def test_train_on_one_style_test_on_another(tmp_path, clip):
+    """Train and select on plain mini-world scenes, score the same task rendered textured."""
+    options = {"per_class": [2, 1, 3], "image_size": 64}
+    plain = _config(tmp_path, dataset="miniworld_shape_largest", dataset_options=options, method="zero_shot")
+    shifted = dataclasses.replace(plain, test_dataset="miniworld_shape_largest",
+                                  test_dataset_options={**options, "style": "textured"})
+    assert shifted.identity != plain.identity
+    record, fitted = run(shifted, clip=clip, return_method=True)
+    task = sl.data.miniworld_tasks.task_of
+    assert task(fitted.train_set).style == "plain" and task(fitted.val_set).style == "plain"
+    assert task(fitted.test_set).style == "textured"
+    assert record["config"]["test_dataset_options"]["style"] == "textured" and record["num_images"]["test"] == 18
+    same = run(plain, clip=clip)
+    test_caches = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and _manifest(p)["fields"]["split"] == "test"]
+    assert len(test_caches) == 2  # the textured test split is cached apart from the plain one
+    table = aggregate(load_records(tmp_path / "runs"))
+    assert len(table) == 2 and set(table.test_dataset) == {"", 'miniworld_shape_largest {"image_size": 64, '
+                                                               '"per_class": [2, 1, 3], "style": "textured"}'}
+    assert same["config"]["test_dataset"] is None
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _toy_subset(_dir, keep=(2, 0), extra=None, **_options):
+    """The toy test split with fewer (or foreign) classes, in another order: as ImageNet-R is to ImageNet."""
+    train, val, test = _toy_splits(_dir)
+    names = tuple(test.classnames[k] for k in keep) + ((extra,) if extra else ())
+    ids = [i for k in keep for i in test.ids if int(i.split("/")[0]) == k]
+    labels = [keep.index(int(i.split("/")[0])) for i in ids]
+    subset = data.ImageSet(ids=ids, labels=labels, classnames=names, reader=ToyReader(), name=f"{TOY}_subset/test")
+    return None, None, subset
+
+
+def test_a_test_dataset_with_fewer_classes_is_scored_on_its_classes(tmp_path, clip):
+    data.register("toy_runs_subset", _toy_subset, overwrite=True, kind="custom", templates=("a photo of a {}.",))
+    data.register("toy_runs_foreign", lambda d: _toy_subset(d, extra="purple square"), overwrite=True,
+                  kind="custom", templates=("a photo of a {}.",))
+    try:
+        config = _config(tmp_path, method="tip_adapter", test_dataset="toy_runs_subset")
+        record, fitted = run(config, clip=clip, return_method=True)
+        assert record["test_num_classes"] == 2 and record["num_classes"] == 3 and record["num_images"]["test"] == 8
+        assert fitted.test_classes.tolist() == [2, 0]  # blue, red: their columns among the three classes
+        full = fitted.method.predict(fitted.splits["test"])
+        logits = fitted.test_logits()
+        assert logits.shape == (8, 2) and torch.equal(logits, full[:, [2, 0]])
+        assert record["test_acc"] == pytest.approx(sl.accuracy(logits, fitted.splits["test"].labels))
+        with pytest.raises(RunConfigError, match=r"test_dataset: 'toy_runs_foreign' has 1 class.*purple square"):
+            runs.run_grid(TOY, ["zero_shot"], [1], [1], progress=False, test_dataset="toy_runs_foreign",
+                          backbone="RN50", weights=None, cache_dir=str(tmp_path / "c2"), out_dir=str(tmp_path / "r2"))
+        assert not (tmp_path / "r2").exists() and not (tmp_path / "c2").exists()  # refused before any work
+    finally:
+        data.unregister("toy_runs_subset")
+        data.unregister("toy_runs_foreign")
+
+
+def test_run_returns_the_fitted_method_even_when_the_record_exists(tmp_path, clip):
+    config = _config(tmp_path, method="safe", method_config={"epochs": 1, "batch_size": 4})
+    record, fitted = run(config, clip=clip, return_method=True)
+    assert isinstance(fitted.method, sl.Safe) and fitted.config is config
+    assert record["test_acc"] == pytest.approx(sl.accuracy(fitted.test_logits(), fitted.splits["test"].labels))
+    mtime = config.record_path().stat().st_mtime_ns
+    again, refitted = run(config, clip=clip, return_method=True)
+    assert again == read_record(config.record_path()) and config.record_path().stat().st_mtime_ns == mtime
+    assert torch.equal(refitted.test_logits(), fitted.test_logits())  # deterministic under the seed
+
+
+def test_run_grid_runs_several_settings_and_returns_paths(tmp_path, clip):
+    settings = [{"alphas": [1.0]}, sl.methods.TipAdapterConfig(alphas=(2.0,))]
+    records = runs.run_grid(TOY, ["zero_shot", "tip_adapter"], [1], [1], progress=False, clip=clip,
+                            method_configs={"tip_adapter": settings}, backbone="RN50", weights=None, train_views=1,
+                            cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"))
+    assert [r["config"]["method"] for r in records] == ["zero_shot", "tip_adapter", "tip_adapter"]
+    assert [r["chosen"].get("alpha") for r in records] == [None, 1.0, 2.0]
+    assert all(read_record(p) == r for r, p in zip(records, records.paths)) and records.fitted is None
+    frame = records.frame()
+    assert frame.equals(load_records(*records.paths))
+    summary = summary_table(aggregate(frame))
+    assert ("toy_runs", "tip_adapter", "alphas=[1.0]") in summary.index
+    with pytest.raises(RunConfigError, match="method_configs: each value"):
+        runs.run_grid(TOY, ["tip_adapter"], [1], [1], progress=False, method_configs={"tip_adapter": []},
+                      backbone="RN50", weights=None, out_dir=str(tmp_path / "x"))
+
+
+class _Spy(sl.methods.ZeroShot):
+    """Zero-shot that notes every split it was given to fit on."""
+
+    name = "spy_zero_shot"
+    seen: list = []
+
+    def _fit(self, data):
+        type(self).seen.append((data.train, data.val))
+        super()._fit(data)
+
+
+def test_a_run_never_fits_on_test_features(tmp_path, clip, monkeypatch):
+    monkeypatch.setitem(sl.METHODS, _Spy.name, _Spy)
+    _Spy.seen.clear()
+    record, fitted = run(_config(tmp_path, method=_Spy.name), clip=clip, return_method=True)
+    (train, val), = _Spy.seen
+    test = fitted.splits["test"]
+    assert len(train) == 6 and len(val) == 6 and len(test) == 12
+    test_rows = {tuple(row.tolist()) for row in test.pooled[0]}
+    fit_rows = {tuple(row.tolist()) for split in (train, val) for v in range(split.num_views) for row in split.pooled[v]}
+    assert not fit_rows & test_rows  # no test image's features among what fit saw

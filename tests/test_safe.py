@@ -1,25 +1,27 @@
 """SAFE: blending, choosing the blend, training the attnpool copy, the few-shot method."""
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import safelib.clip.attnpool
 from safelib.features.cache import CacheWriter
 from safelib.features.extract import dense_features, pooled_features
-from safelib.methods.base import ClipHead, FewShotData, SplitFeatures
-from safelib.methods.blend import (BlendChoice, blend_features, choose_blend, class_logits, fixed_blend,
-                                   sweep_blend)
+from safelib.features.maps import DenseMaps
+from safelib.methods.base import ClipHead, FewShotData, SplitFeatures, accuracy
+from safelib.methods.blend import (DEFAULT_BLEND_GRID, BlendChoice, blend_features, choose_blend, class_logits,
+                                   fixed_blend, sweep_blend)
 from safelib.methods.safe import INERT, TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
-from test_features import tiny_clip
 
 K = 3
 
 
 @pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
+def clip(make_tiny_clip):
+    return make_tiny_clip()
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +104,35 @@ def test_choose_blend_prefers_accuracy_then_cross_entropy_then_the_middle():
     assert record["blend"] == choice.blend and len(record["sweep"]) == 11
 
 
-def test_sweep_costs_no_pooling(monkeypatch):
-    import safelib.clip.attnpool as attnpool_module
-    monkeypatch.setattr(attnpool_module, "attention_pool", None)
+def _count_pooled_rows(monkeypatch) -> list[int]:
+    """Count the maps every safelib module pools, patching ``attention_pool`` where each module looks it up."""
+    pooled: list[int] = []
+    real = safelib.clip.attnpool.attention_pool
+
+    def counting(attnpool, dense, *args, **kwargs):
+        pooled.append(len(dense))
+        return real(attnpool, dense, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("safelib") and getattr(module, "attention_pool", None) is real:
+            monkeypatch.setattr(module, "attention_pool", counting)
+    return pooled
+
+
+def test_choosing_the_blend_pools_the_val_maps_once(clip, task, monkeypatch):
+    """Each pooling pools the val maps once; the sweep over the grid then costs only mixes of features."""
+    pooled = _count_pooled_rows(monkeypatch)
     f_ft, f_orig, labels, text = _val_features()
     assert len(sweep_blend(f_ft, f_orig, labels, text, 100.0, grid=[0.0, 1.0])) == 2
+    choose_blend(f_ft, f_orig, labels, text, 100.0)
+    assert pooled == []
+    data = _data(clip, task, attnpool=clip.attnpool)
+    config = dataclasses.replace(FAST, epochs=1)
+    train_rows = config.epochs * len(data.train)  # one fine-tuned forward per training image and epoch
+    for grid in [(0.5,), DEFAULT_BLEND_GRID]:
+        pooled.clear()
+        Safe(dataclasses.replace(config, blend_grid=grid)).fit(data)
+        assert sum(pooled) - train_rows == 2 * len(data.val), grid  # fine-tuned + original, once each
 
 
 def test_fixed_blend_needs_no_data():
@@ -124,6 +150,7 @@ def test_training_lowers_the_loss_and_fits_a_separable_task(clip, task):
     before = F.cross_entropy(class_logits(pooled_features(clip.attnpool, dense[0]), text, 100.0), labels).item()
     fit = train_safe(clip.attnpool, dense, labels, text, 100.0, FAST)
     assert fit.losses[-1] < 0.5 * fit.losses[0]
+    assert 50.0 < fit.accuracies[-1] <= 100.0  # percent, like every accuracy
     after = class_logits(pooled_features(fit.attnpool, dense[1]), text, 100.0)
     assert F.cross_entropy(after, labels).item() < before
     assert (after.argmax(-1) == labels).float().mean() == 1.0
@@ -174,16 +201,29 @@ def test_loss_on_the_blend_trains_too(clip, task):
     assert fit.losses[-1] < fit.losses[0]
 
 
-def test_memmapped_cache_views_train_like_a_tensor(clip, task, tmp_path):
+def test_every_old_form_of_dense_maps_trains_and_predicts_alike(clip, task, tmp_path):
+    """A tensor, a cache entry or its per-view memmaps where a DenseMaps is expected: the same numbers."""
     dense, labels, text = task
     writer = CacheWriter(tmp_path, {"t": 1}, rows=dense.shape[1], item_shape=tuple(dense.shape[2:]), views=2)
     writer.write(dense)
     entry = writer.finish()
-    config = dataclasses.replace(FAST, epochs=2)
-    from_cache = train_safe(clip.attnpool, entry.views, labels, text, 100.0, config)
-    from_tensor = train_safe(clip.attnpool, entry.to_tensor(), labels, text, 100.0, config)
-    for (name, a), b in zip(from_cache.attnpool.state_dict().items(), from_tensor.attnpool.state_dict().values()):
-        assert torch.equal(a, b), name
+    stored = entry.to_tensor()  # fp16, as cached
+    config = dataclasses.replace(FAST, epochs=1)
+    reference = train_safe(clip.attnpool, DenseMaps.of(stored), labels, text, 100.0, config).attnpool.state_dict()
+    for form in (stored, entry, entry.view_arrays, list(stored), DenseMaps.of(entry).placed("device")):
+        trained = train_safe(clip.attnpool, form, labels, text, 100.0, config).attnpool.state_dict()
+        for name, value in trained.items():
+            assert torch.equal(value, reference[name]), (type(form).__name__, name)
+
+    head = ClipHead(text, 100.0, clip.attnpool)
+    logits = []
+    for form in (dense, DenseMaps.of(dense)):
+        split = SplitFeatures(labels=labels, dense=form)
+        assert isinstance(split.dense, DenseMaps)
+        val = SplitFeatures(labels=labels, dense=form[1:] if isinstance(form, torch.Tensor) else form[1])
+        method = Safe(config).fit(FewShotData(split, val, head, seed=1))
+        logits.append(method.predict(val))
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_config_and_inputs_are_validated(clip, task):
@@ -197,7 +237,7 @@ def test_config_and_inputs_are_validated(clip, task):
         trainable_attnpool(clip.attnpool, "everything")
     dense, labels, text = task
     with pytest.raises(ValueError, match="views x N x C x H x W"):
-        train_safe(clip.attnpool, dense[0], labels, text, 100.0, FAST)
+        train_safe(clip.attnpool, dense[0, 0], labels, text, 100.0, FAST)
     with pytest.raises(ValueError, match="labels"):
         train_safe(clip.attnpool, dense, labels[:5], text, 100.0, FAST)
     with pytest.raises(ValueError, match="share one"):
@@ -220,8 +260,8 @@ def test_safe_method_fits_selects_blend_and_predicts(clip, task):
     assert chosen["selected_by"] == "validation" and len(chosen["sweep"]) == 11
     logits = method.predict(SplitFeatures(labels=task[1], dense=task[0][:1]))
     assert logits.shape == (len(task[1]), K)
-    best = max(p["accuracy"] for p in chosen["sweep"])
-    assert (logits.argmax(-1) == task[1]).float().mean().item() == pytest.approx(best)  # val == test here
+    best = max(p["accuracy"] for p in chosen["sweep"])  # percent, like every accuracy
+    assert accuracy(logits, task[1]) == pytest.approx(best)  # val == test here
 
     fixed = Safe(dataclasses.replace(FAST, epochs=1, blend=0.0)).fit(data)
     assert fixed.chosen["blend"] == {"blend": 0.0, "selected_by": "fixed", "sweep": []}

@@ -44,3 +44,23 @@ def test_the_fields_templates() -> None:
 def test_bad_prompts_are_refused(rn50: sl.ClipModel, classnames, templates, message) -> None:
     with pytest.raises(ValueError, match=message):
         sl.zero_shot_classifier(rn50, classnames, templates)
+
+
+def test_class_logits_is_scaled_cosine_similarity() -> None:
+    """The one copy of CLIP's logits: ``logit_scale * cos(f, w_k)``, against a float64 computation."""
+    features, weights = torch.randn(5, 8) * 3, F.normalize(torch.randn(8, 4), dim=0)
+    logits = sl.class_logits(features, weights, 100.0)
+    f64, w64 = features.double(), weights.double()
+    expected = 100.0 * (f64 @ w64) / f64.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-4)
+    assert logits.dtype == torch.float32
+
+
+def test_class_logits_of_unit_features_are_not_normalised_again() -> None:
+    """``normalize=False`` is bit for bit ``scale * f @ W``: the callers that hold unit features keep their numbers."""
+    unit, weights = F.normalize(torch.randn(7, 8), dim=-1), F.normalize(torch.randn(8, 3), dim=0).double()
+    got = sl.class_logits(unit, weights, 42.5, normalize=False)
+    assert torch.equal(got, 42.5 * unit @ weights.float())  # W follows the features' dtype
+    assert torch.equal(sl.class_logits(unit * 2, weights, 42.5), 42.5 * F.normalize(unit * 2, dim=-1) @ weights.float())
+    with pytest.raises(ValueError, match="D=8 but text_weights are \\(5, 3\\)"):
+        sl.class_logits(unit, torch.zeros(5, 3), 1.0)

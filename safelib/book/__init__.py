@@ -2,6 +2,6 @@
 
 Top wing: it may import any other; nothing in the library imports it.
 """
-from . import plots, widgets
+from . import plots, realcheck, widgets
 
-__all__ = ["plots", "widgets"]
+__all__ = ["plots", "realcheck", "widgets"]

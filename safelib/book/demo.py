@@ -13,8 +13,8 @@ import torch
 
 from ..clip.attnpool import attention_pool, attention_weights
 from ..clip.models import load_clip
-from ..clip.text import zero_shot_classifier
-from ..data.miniworld import SHAPE_TEMPLATES, SHAPES, make_scene
+from ..clip.text import class_logits, zero_shot_classifier
+from ..data.miniworld import SHAPE_TEMPLATES, SHAPES, single_object_set
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"1. loaded the mini-CLIP ({args.weights}): {clip.image_size} px images, a {clip.grid}x{clip.grid} dense grid "
           f"of {clip.dense_channels} channels, {clip.num_heads} attention heads, {clip.embed_dim}-d features")
 
-    scenes = [make_scene(args.seed * 100_000 + i, n_objects=1, image_size=clip.image_size) for i in range(args.images)]
-    labels = torch.tensor([SHAPES.index(scene.objects[0].shape) for scene in scenes])
+    scenes, labels = single_object_set(args.images, args.seed, clip.image_size)
+    labels = torch.tensor(labels)
     images = torch.stack([clip.preprocess(scene.image) for scene in scenes])
     first = scenes[0].objects[0]
     print(f"2. drew {len(scenes)} scenes of one shape each (the first: a {first.size} {first.colour} {first.shape}, "
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
           f"and at most {attention[:, :, 1:].amax(-1).mean():.2f} on any one grid cell (head average)")
 
     weights = zero_shot_classifier(clip, SHAPES, SHAPE_TEMPLATES)  # D x K
-    logits = clip.logit_scale * torch.nn.functional.normalize(features, dim=-1) @ weights
+    logits = class_logits(features, weights, clip.logit_scale)      # N x K
     accuracy = (logits.argmax(-1) == labels).float().mean().item()
     print(f"4. zero-shot over {len(SHAPES)} shapes with {len(SHAPE_TEMPLATES)} prompt templates: "
           f"accuracy {accuracy:.1%} (chance {1 / len(SHAPES):.1%})")

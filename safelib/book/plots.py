@@ -16,7 +16,9 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from ..data.miniworld_tasks import target_cells
+
+from ..clip.attnpool import grid_side, spatial_attention
+from ..data.targets import target_cells
 
 __all__ = [
     "attention_grid",
@@ -26,6 +28,8 @@ __all__ = [
     "plot_blend_sweep",
     "plot_accuracy_vs_shots",
     "plot_target_mass",
+    "plot_cache_by_views",
+    "plot_epoch_predictions",
 ]
 
 _HEAT = "magma"
@@ -38,18 +42,12 @@ def _style() -> None:
 def attention_grid(attention: torch.Tensor | np.ndarray) -> np.ndarray:
     """Head-averaged spatial attention N x g x g from ``attention_weights``' N x heads x (1 + g*g).
 
-    The mean token (index 0) is dropped and each map renormalised to sum to 1, so a map says how
-    the pooling shares its attention among grid cells (the quantity ``target_attention_mass`` sums).
+    ``sl.spatial_attention`` on a square grid: the mean token dropped, each map renormalised to sum
+    to 1 (the quantity ``target_attention_mass`` sums over the target's cells).
     """
-    attention = torch.as_tensor(attention).float()
-    if attention.ndim != 3:
-        raise ValueError(f"attention must be N x heads x (1 + H*W), got shape {tuple(attention.shape)}")
-    cells = attention.shape[-1] - 1
-    side = int(round(cells ** 0.5))
-    if side * side != cells:
-        raise ValueError(f"attention has {cells} spatial tokens, not a square grid (1 + g*g tokens expected)")
-    spatial = attention[:, :, 1:].mean(1)                                   # N x g*g
-    spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
+    attention = torch.as_tensor(attention)
+    spatial = spatial_attention(attention)                                  # N x g*g
+    side = grid_side(attention.shape[-1])
     return spatial.view(-1, side, side).numpy()
 
 
@@ -145,7 +143,7 @@ def attention_before_after(images: Sequence, before: torch.Tensor | np.ndarray, 
 
 def plot_training_curve(losses: Sequence[float], accuracies: Sequence[float] | None = None,
                         title: str = "SAFE training") -> Figure:
-    """Mean training loss per epoch (and training accuracy on a second axis, if given)."""
+    """Mean training loss per epoch (and training accuracy, in percent, on a second axis, if given)."""
     _style()
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     epochs = np.arange(1, len(losses) + 1)
@@ -154,7 +152,7 @@ def plot_training_curve(losses: Sequence[float], accuracies: Sequence[float] | N
     ax.set_ylabel("cross-entropy", color="C0")
     if accuracies is not None:
         twin = ax.twinx()
-        twin.plot(epochs, 100 * np.asarray(accuracies), marker="s", markersize=3, color="C1", label="train accuracy")
+        twin.plot(epochs, accuracies, marker="s", markersize=3, color="C1", label="train accuracy")
         twin.set_ylabel("train accuracy (%)", color="C1")
         twin.grid(False)
     ax.set_title(title)
@@ -166,12 +164,12 @@ def plot_blend_sweep(sweep: Sequence[Mapping] | Sequence, chosen: float | None =
                      title: str = "Choosing the blend on few-shot validation") -> Figure:
     """Validation accuracy and cross-entropy against ``blend`` (0: zero-shot CLIP, 1: fine-tuned alone).
 
-    sweep: ``BlendChoice.sweep`` points or their record form (dicts with blend, accuracy, cross_entropy).
+    sweep: ``BlendChoice.sweep`` points or their record form (dicts with blend, accuracy in percent, cross_entropy).
     """
     _style()
     points = pd.DataFrame([p if isinstance(p, Mapping) else vars(p) for p in sweep])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.plot(points["blend"], 100 * points["accuracy"], marker="o", color="C0")
+    ax.plot(points["blend"], points["accuracy"], marker="o", color="C0")
     ax.set_xlabel("blend  (0 = original pooling, 1 = fine-tuned pooling)")
     ax.set_ylabel("validation accuracy (%)", color="C0")
     twin = ax.twinx()
@@ -228,5 +226,66 @@ def plot_target_mass(before: Sequence[float] | np.ndarray, after: Sequence[float
     ax.set_ylim(0, 1)
     ax.set_xlabel(f"target mass, {labels[0]}")
     ax.set_ylabel(f"target mass, {labels[1]}")
+    fig.tight_layout()
+    return fig
+
+
+_PLACEMENT_COLOURS = {"device": "#4c72b0", "pinned": "#55a868", "memmap": "#c44e52"}
+
+
+def plot_cache_by_views(rows: pd.DataFrame) -> Figure:
+    """Cache size and predicted seconds per epoch against cached views, coloured by where the cache lives.
+
+    ``rows``: one row per number of views with columns "views", "cache GB", "placement" and
+    "predicted s / epoch", as ``notebooks/04_scale`` builds them from ``plan_cache``.
+    """
+    missing = [c for c in ("views", "cache GB", "placement", "predicted s / epoch") if c not in rows]
+    if missing:
+        raise ValueError(f"rows lack columns {missing}")
+    _style()
+    fig, (size_ax, time_ax) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for placement, group in rows.groupby("placement", sort=False):
+        colour = _PLACEMENT_COLOURS.get(placement)
+        size_ax.bar(group["views"], group["cache GB"], color=colour, label=placement)
+        time_ax.plot(group["views"], group["predicted s / epoch"], "o", color=colour, label=placement)
+    size_ax.set_xlabel("augmented views cached per image")
+    size_ax.set_ylabel("cache size (GB)")
+    time_ax.set_xlabel("augmented views cached per image")
+    time_ax.set_ylabel("predicted seconds per epoch")
+    time_ax.set_ylim(bottom=0)
+    size_ax.legend(title="the cache lives in", fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_epoch_predictions(plans: Mapping[str, object]) -> Figure:
+    """Predicted seconds per epoch of every placement that fits, for each plan (bars), the chosen one marked.
+
+    ``plans``: label -> a ``CachePlan`` (its ``predictions`` and ``placement``), e.g. a profile's
+    nominal rates beside the rates ``calibrate`` measured here. A placement that does not fit has no bar.
+    """
+    if not plans:
+        raise ValueError("no plans to plot")
+    _style()
+    placements = [p for p in _PLACEMENT_COLOURS if any(p in plan.predictions for plan in plans.values())]
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.55 * len(plans) * max(len(placements), 1)))
+    labels, y = [], 0
+    for name, plan in plans.items():
+        for placement in placements:
+            prediction = plan.predictions.get(placement)
+            if prediction is None:
+                continue
+            chosen = placement == plan.placement
+            ax.barh(y, prediction["epoch_s"], color=_PLACEMENT_COLOURS[placement], alpha=1.0 if chosen else 0.45,
+                    edgecolor="black" if chosen else "none")
+            ax.text(prediction["epoch_s"], y, f" {prediction['epoch_s']:.3g} s" + (" (chosen)" if chosen else ""),
+                    va="center", fontsize=8)
+            labels.append(f"{name}: {placement}")
+            y += 1
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("predicted seconds per epoch (log scale)")
+    ax.margins(x=0.25)
     fig.tight_layout()
     return fig

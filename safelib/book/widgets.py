@@ -6,14 +6,18 @@ for readers running the notebooks in Jupyter or Colab.
 """
 from __future__ import annotations
 
+import base64
+import io
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
 from ..methods.blend import sweep_blend
 from .plots import attention_before_after
 
-__all__ = ["attention_explorer", "blend_explorer"]
+__all__ = ["attention_explorer", "attention_slider", "blend_explorer", "StaticHTML"]
 
 
 def _widgets():
@@ -31,9 +35,7 @@ def attention_explorer(images: Sequence, before: torch.Tensor, after: torch.Tens
     images, before, after, coverage, titles: as for ``safelib.book.plots.attention_before_after``, for
     all N images; the widget shows one at a time. Returns the widget (display it, or let Jupyter).
     """
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
+    from IPython.display import display  # IPython comes with the optional ipywidgets
 
     widgets = _widgets()
     if not len(images) == len(before) == len(after):
@@ -69,9 +71,58 @@ def blend_explorer(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tenso
 
     def show(blend: float) -> None:
         point = sweep_blend(f_ft, f_orig, labels, text_weights, logit_scale, grid=(float(blend),))[0]
-        label.value = (f"blend {point.blend:.2f}: accuracy {100 * point.accuracy:.1f}% "
+        label.value = (f"blend {point.blend:.2f}: accuracy {point.accuracy:.1f}% "
                        f"({point.correct}/{len(labels)}), cross-entropy {point.cross_entropy:.3f}")
 
     slider.observe(lambda change: show(change["new"]), names="value")
     show(slider.value)
     return widgets.VBox([slider, label])
+
+
+class StaticHTML:
+    """HTML that Jupyter, Colab and the built book show as it is: no kernel needed to use it."""
+
+    def __init__(self, html: str):
+        self.html = html
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return f"StaticHTML({len(self.html):,} characters)"
+
+
+def attention_slider(images: Sequence, before: torch.Tensor, after: torch.Tensor,
+                     coverage: np.ndarray | None = None, titles: Sequence[str] | None = None,
+                     size: float = 2.6, dpi: int = 72) -> StaticHTML:
+    """``attention_explorer`` for readers of the built book: an image slider that works without a kernel.
+
+    Each image's before/after figure is drawn once, embedded as a PNG, and an HTML range input
+    picks the one shown (a line of inline JavaScript). Keep it to a few dozen images: the page
+    carries them all.
+    """
+    import matplotlib.pyplot as plt
+
+    if not len(images) == len(before) == len(after):
+        raise ValueError(f"{len(images)} images, {len(before)} maps before and {len(after)} after")
+    if not len(images):
+        raise ValueError("attention_slider needs at least one image")
+    frames = []
+    for index in range(len(images)):
+        fig = attention_before_after([images[index]], before[index:index + 1], after[index:index + 1],
+                                     None if coverage is None else coverage[index:index + 1],
+                                     None if titles is None else [titles[index]], size=size)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        frames.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    last = len(frames) - 1
+    shown = "".join(
+        f'<img src="data:image/png;base64,{frame}" alt="attention before and after, test image {i}" '
+        f'style="display:{"block" if i == 0 else "none"};max-width:100%">' for i, frame in enumerate(frames))
+    move = ("var box=this.closest('.safe-slider');box.querySelector('output').textContent=this.value;"
+            "box.querySelectorAll('img').forEach(function(im,i){im.style.display=(i==this.value)?'block':'none';},this);")
+    return StaticHTML(
+        f'<div class="safe-slider"><label>test image <output>0</output> of 0-{last} '
+        f'<input type="range" min="0" max="{last}" value="0" step="1" oninput="{move}" '
+        f'style="vertical-align:middle;width:16em"></label><div>{shown}</div></div>')

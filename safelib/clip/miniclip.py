@@ -87,7 +87,18 @@ def clip_from_config(model_cfg: dict) -> open_clip.model.CLIP:
 CHECKPOINT: Path = Path(__file__).resolve().parent.parent / "assets" / "miniclip.safetensors"
 META_KEY = "open_clip_config"
 
-__all__ = ["CHECKPOINT", "MiniClipConfig", "build_miniclip", "clip_from_config", "get_tokenizer", "read_metadata"]
+__all__ = ["CHECKPOINT", "MiniClipConfig", "build_miniclip", "clip_from_config", "get_tokenizer", "read_metadata",
+           "record_preprocess_cfg"]
+
+
+def record_preprocess_cfg(model: open_clip.model.CLIP) -> None:
+    """Give a model built by hand what ``open_clip.create_model`` records: CLIP's preprocessing for its size.
+
+    Then open_clip's own transforms (and ``ClipModel.mean``/``std``) work on it. A model that
+    already has a mean (one from ``create_model``) is left as it is.
+    """
+    if "mean" not in open_clip.get_model_preprocess_cfg(model):
+        set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -114,8 +125,7 @@ def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_cli
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    # What open_clip.create_model records, so open_clip's own transforms work on this model.
-    set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
+    record_preprocess_cfg(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

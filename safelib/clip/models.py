@@ -3,26 +3,26 @@
 SAFE trains only `visual.attnpool`, so everything below it (stem, layer1..layer4) is a frozen
 feature extractor that runs once per image view. `ClipModel` bundles the open_clip model with
 that split, the eval transform and the tokenizer. Only ResNet CLIPs have an attention-pooling
-layer; ViTs pool with a class token and are refused. Taught in the book's "The model" chapter.
+layer; ViTs pool with a class token and are refused. Taught in notebooks/01_attention_pooling.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from urllib.parse import urlparse
 from pathlib import Path
 from typing import Callable
 
+import huggingface_hub.constants as hub
 import open_clip
 import torch
-from open_clip.factory import set_model_preprocess_cfg
-from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from .attnpool import attention_pool
-from .miniclip import CHECKPOINT, build_miniclip
+from .miniclip import CHECKPOINT, build_miniclip, record_preprocess_cfg
 
 # Every open_clip ResNet CLIP and the weight tags open_clip knows for it.
 RESNET_MODELS: tuple[str, ...] = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -57,16 +57,15 @@ def _check_model_name(name: str) -> None:
 
 
 def uses_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """Whether the weights were trained with QuickGELU (in a ResNet CLIP it is the text tower's activation).
+    """Whether open_clip's weights tag `pretrained` was trained with QuickGELU (the text tower's activation).
 
     open_clip builds nn.GELU for the plain names and only warns, so OpenAI weights would run
     with the wrong activation. Every published ResNet CLIP weight set (openai, yfcc15m, cc12m)
-    used QuickGELU; a local file is assumed to be one of them unless the caller says otherwise.
+    used QuickGELU, so `load_clip` gives a local weights file QuickGELU too (it has no switch for
+    a file trained with GELU).
     """
     if pretrained is None:
         return False
-    if Path(str(pretrained)).suffix and Path(str(pretrained)).exists():
-        return True
     return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
 
 
@@ -148,9 +147,10 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _wrap(name: str, pretrained: str | None, model: nn.Module, tokenizer: Callable) -> ClipModel:
-    if "mean" not in open_clip.get_model_preprocess_cfg(model):  # built by hand, not by create_model
-        set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
+def wrap_clip(name: str, pretrained: str | None, model: nn.Module, tokenizer: Callable) -> ClipModel:
+    """A `ClipModel` around an open_clip ResNet CLIP, as `load_clip` returns it: frozen, in eval mode,
+    with its eval transform. For models built by hand (the mini-CLIP, the tests' tiny ones)."""
+    record_preprocess_cfg(model)
     cfg = open_clip.get_model_preprocess_cfg(model)
     preprocess = open_clip.image_transform(
         model.visual.image_size, is_train=False, mean=cfg["mean"], std=cfg["std"],
@@ -187,8 +187,6 @@ def _hub_offline_if_unreachable(name: str, pretrained: str):
     the weights could come from answers, switch the hub to offline mode for this call only, so
     weights already in the local cache still load and missing ones fail at once.
     """
-    import huggingface_hub.constants as hub
-
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     hosts = [urlparse(endpoint).hostname] if cfg.get("hf_hub") else []
@@ -223,7 +221,7 @@ def load_clip(
         shipped = pretrained in (None, "shipped", "openai")
         model = build_miniclip(CHECKPOINT if shipped else Path(pretrained))
         tokenizer = open_clip.get_tokenizer("RN50", context_length=model.context_length)
-        return _wrap(name, "shipped" if shipped else str(pretrained), model, tokenizer).to(device)
+        return wrap_clip(name, "shipped" if shipped else str(pretrained), model, tokenizer).to(device)
     is_file = pretrained is not None and Path(pretrained).exists()
     if pretrained is not None:
         pretrained = str(pretrained)
@@ -238,14 +236,14 @@ def load_clip(
     try:
         with _hub_offline_if_unreachable(name, pretrained) if fetching else contextlib.nullcontext():
             model = open_clip.create_model(
-                name, pretrained=pretrained, force_quick_gelu=uses_quick_gelu(name, pretrained),
+                name, pretrained=pretrained, force_quick_gelu=is_file or uses_quick_gelu(name, pretrained),
                 cache_dir=None if cache_dir is None else str(cache_dir), device=device, weights_only=True,
             )
     except (OSError, RuntimeError, ValueError) as error:
         if not fetching:
             raise
         raise _weights_error(name, pretrained, error) from error
-    return _wrap(name, pretrained, model, open_clip.get_tokenizer(name))
+    return wrap_clip(name, pretrained, model, open_clip.get_tokenizer(name))
 
 
 def random_clip(name: str = "RN50", seed: int = 0, quick_gelu: bool = True) -> ClipModel:
@@ -255,4 +253,18 @@ def random_clip(name: str = "RN50", seed: int = 0, quick_gelu: bool = True) -> C
         raise ValueError("miniclip ships trained weights: use load_clip('miniclip')")
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
-    return _wrap(name, None, model, open_clip.get_tokenizer(name))
+    return wrap_clip(name, None, model, open_clip.get_tokenizer(name))
+
+
+def module_digest(module: nn.Module) -> str:
+    """A 16-hex-digit hash of a module's weights (names and float32 values), whatever its tags say.
+
+    A name ("shipped", a file path) cannot tell weights apart: a re-pretrained or replaced file keeps
+    its name. Used for the feature cache's key (the image tower) and by ``SafeClassifier`` to check
+    that a saved file runs on the weights it was fitted on.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()

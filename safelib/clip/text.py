@@ -2,7 +2,8 @@
 
 CLIP classifies by comparing an image feature with the text features of prompts such as
 "a photo of a {}, a type of pet.". The prompts themselves are dataset metadata
-(``safelib.data.templates``); this module only encodes them. Taught in chapter 01.
+(``safelib.data.templates``); this module only encodes them, and holds CLIP's logits
+``logit_scale * cos(f, w_k)``. Taught in notebooks/01_attention_pooling, section "Zero-shot classification".
 """
 from __future__ import annotations
 
@@ -53,3 +54,20 @@ def zero_shot_classifier(
     text = encode_prompts(clip, prompts, batch_size)                 # (K*T) x D
     text = text.view(len(classnames), len(templates), -1).mean(1)   # K x D
     return F.normalize(text, dim=-1).T.contiguous()                  # D x K
+
+
+def class_logits(features: torch.Tensor, text_weights: torch.Tensor, logit_scale: float,
+                 normalize: bool = True) -> torch.Tensor:
+    """CLIP's logits N x K: ``logit_scale * normalize(f) @ W``, i.e. ``logit_scale * cos(f, w_k)``.
+
+    text_weights: D x K unit columns (``zero_shot_classifier``), moved to the features' device and
+    dtype. The one copy of the formula: zero-shot CLIP, SAFE, the baselines and the book all call it.
+    ``normalize=False`` is for features that are already unit-norm: normalising twice would move the
+    last bits of the logits.
+    """
+    if features.shape[-1] != text_weights.shape[0]:
+        raise ValueError(f"features have D={features.shape[-1]} but text_weights are {tuple(text_weights.shape)} "
+                         "(expected D x K)")
+    if normalize:
+        features = F.normalize(features, dim=-1)
+    return logit_scale * features @ text_weights.to(device=features.device, dtype=features.dtype)  # N x K

@@ -7,7 +7,7 @@ offline sets, generated ones) and comes back from :func:`get_dataset` as train/v
 from .benchmarks import adopt_torchvision, imagenet_names, register_benchmarks
 from .imageset import FolderReader, ImageSet
 from .loading import ImageViews, ViewBatch, ViewSpec, collate_views, view_loader, view_seed
-from .miniworld_tasks import TargetTask, register_miniworld
+from .miniworld_tasks import TargetTask, has_targets, register_miniworld
 from .offline import fixed_split, register_offline
 from .registry import (
     DatasetMissingError,
@@ -33,7 +33,7 @@ __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_TEMPLATES", "TEMPLATES", "TargetTask", "DatasetMissingError", "DatasetSpec", "FewShotWarning", "FolderReader", "ImageSet",
     "ImageViews", "SplitDataset", "SplitFormatError", "ViewBatch", "ViewSpec", "adopt_torchvision",
     "clean_classname", "collate_views", "data_root", "dataset_spec", "eval_transform", "few_shot_filename",
-    "fixed_split", "get_dataset", "imagenet_names", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
+    "fixed_split", "get_dataset", "has_targets", "imagenet_names", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
     "read_fgvc_aircraft", "register", "sample_few_shot", "save_few_shot", "train_transform", "unregister",
     "view_loader", "view_seed",
 ]

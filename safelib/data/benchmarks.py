@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .imageset import ImageSet
-from .registry import register
+from .registry import data_root, dataset_spec, register
 from .splits import Splits, class_folders, read_class_folders, read_coop_split, read_fgvc_aircraft
 
 COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
@@ -208,8 +208,6 @@ def adopt_torchvision(name: str, root: str | Path | None = None) -> list[Path]:
     ``fgvc-aircraft-2013b/data/``...; the registry reads CoOp's ``oxford_pets/``, ``dtd/``,
     ``fgvc_aircraft/``. Links (not copies) cost no disk; existing files are left alone.
     """
-    from .registry import data_root, dataset_spec
-
     spec = dataset_spec(name)
     if name not in TORCHVISION_LINKS:
         raise ValueError(f"{name!r} has no torchvision download to adopt; ones that do: {sorted(TORCHVISION_LINKS)}")

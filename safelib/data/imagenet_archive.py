@@ -28,6 +28,7 @@ from typing import Iterable
 from PIL import Image
 
 from ..atomic import atomic_write_bytes, atomic_write_json
+from .benchmarks import imagenet_names
 from .imageset import ImageSet
 from .splits import IMAGE_SUFFIXES
 
@@ -121,7 +122,6 @@ def archive_imageset(index: ArchiveIndex, classnames: dict[str, str] | None = No
     """
     wnids = index.wnids
     if classnames is None:
-        from .benchmarks import imagenet_names
         classnames = imagenet_names()
     unknown = [w for w in wnids if w not in classnames]
     if unknown:

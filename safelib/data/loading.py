@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .imageset import ImageSet
 from .transforms import CLIP_MEAN, CLIP_STD, TRAIN_SCALE, eval_transform, train_transform
+
+if TYPE_CHECKING:
+    from ..clip.models import ClipModel
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class ViewSpec:
         return train_transform(self.size, self.mean, self.std, self.scale)
 
     @classmethod
-    def for_clip(cls, clip: Any, views: int | str = 0, seed: int = 0) -> ViewSpec:
+    def for_clip(cls, clip: ClipModel, views: int | str = 0, seed: int = 0) -> ViewSpec:
         """The spec matching a loaded model's image size and normalisation (``sl.load_clip``)."""
         return cls(size=int(clip.image_size), views=views, seed=seed,
                    mean=tuple(clip.mean), std=tuple(clip.std))

@@ -6,7 +6,7 @@ attribute. The target is either the only large object ("largest") or the only ou
 ("outlined"). Zero-shot prompts name only the class ("a star."), so a model whose pooling spreads
 its attention over every object is confused; SAFE can learn to pool from the target. Because we
 drew the scene we know the target's mask, hence which cells of the attention-pooling grid it
-covers, and can measure how much attention lands there (`target_attention_mass`).
+covers, and can measure how much attention lands there (``safelib.data.targets``).
 
 Images are rendered on demand from their id (`"<task>/<split>/<index>"`), a pure function of the
 task's seed, so an `ImageSet` costs nothing to build and pickles for worker processes.
@@ -18,7 +18,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-import torch
 from PIL import Image
 
 from . import miniworld as mw
@@ -165,39 +164,11 @@ def task_of(images: ImageSet) -> TargetTask:
     return images.reader.task
 
 
-def target_grid_masks(images: ImageSet, grid: int) -> np.ndarray:
-    """N x grid x grid: the fraction of each attention-pooling cell the target covers (visible part).
+def has_targets(images: ImageSet) -> bool:
+    """Whether the images were drawn from a mini-world task, so each has a known target region
+    (``target_grid_masks`` works); real datasets have none."""
+    return isinstance(images.reader, TaskReader)
 
-    Cell (r, c) is token 1 + r * grid + c of `safelib.attention_weights` (token 0 is the mean).
-    """
-    task = task_of(images)
-    out = np.zeros((len(images), grid, grid), dtype=np.float32)
-    for i, image_id in enumerate(images.ids):
-        scene, t = task_scene(task, image_id)
-        out[i] = mw.mask_on_grid(scene.masks[t], grid)
-    return out
-
-
-def target_cells(coverage: np.ndarray | torch.Tensor, min_coverage: float = 0.25) -> torch.Tensor:
-    """Boolean N x grid x grid: cells the target covers by at least `min_coverage` (its best cell always)."""
-    coverage = torch.as_tensor(coverage)
-    flat = coverage.flatten(1)
-    cells = flat >= min_coverage
-    cells[torch.arange(len(flat)), flat.argmax(1)] = True  # a small target still has one cell
-    return cells.view_as(coverage)
-
-
-def target_attention_mass(attention: torch.Tensor, coverage: np.ndarray | torch.Tensor,
-                          min_coverage: float = 0.25) -> torch.Tensor:
-    """Per image, the share of spatial attention on the target's cells (heads averaged, mean token excluded).
-
-    attention: N x heads x (1 + grid*grid) from `safelib.attention_weights`; coverage: N x grid x grid.
-    Returns N values in [0, 1].
-    """
-    cells = target_cells(coverage, min_coverage).flatten(1).to(attention.device)  # N x HW
-    spatial = attention[:, :, 1:].float().mean(1)  # N x HW, heads averaged, mean token dropped
-    spatial = spatial / spatial.sum(1, keepdim=True).clamp_min(1e-12)
-    return (spatial * cells).sum(1)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -78,6 +78,12 @@ class DatasetSpec:
     def is_present(self, root: str | Path | None = None) -> bool:
         return not self.missing_files(root)
 
+    @property
+    def accepts_options(self) -> bool:
+        """Whether ``get_dataset(name, **options)`` takes options: generated sets (and custom ones,
+        whose build function decides) do; benchmarks, their variants and the offline sets do not."""
+        return self.kind in ("generated", "custom")
+
     def prompt_templates(self) -> tuple[str, ...]:
         if self.templates is not None:
             return self.templates

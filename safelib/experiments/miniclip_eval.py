@@ -1,36 +1,36 @@
-"""Does SAFE help the mini-CLIP where we know which region matters?
+"""Does SAFE help the mini-CLIP where we know which region matters? (the mini-CLIP acceptance runs)
 
-    python -m safelib.experiments.miniclip_eval --out runs/miniclip_eval/shape_largest.json
+    python -m safelib.experiments.miniclip_eval --task miniworld_shape_largest
 
 On a target-among-distractors task (default: the shape of the one large object among small
-distractors of any shape) this fits, per few-shot seed, zero-shot CLIP, a linear probe on the
-original pooled features, and SAFE with each trainable set of the attention pooling (all,
-attention only, values only). It reports each one's test accuracy and the attention mass on the
-target's grid cells (heads averaged, mean token excluded): for zero-shot and the linear probe that
-is the original pooling's, for SAFE the fine-tuned pooling's. The record (config, provenance,
-per-seed numbers, timings) is written as JSON; the Markdown table is printed.
+distractors of any shape) one ``run_grid`` fits, per few-shot seed, zero-shot CLIP, a linear probe
+and SAFE with each trainable set of the attention pooling (all, attention only, values only). Each
+is an ordinary run (``safelib.runs``): one record per run under ``out_dir``, the book's only source
+of numbers. On top, from the fitted methods, the attention mass on the target's grid cells of the
+test split (heads averaged, mean token excluded): for zero-shot and the linear probe the original
+pooling's, for SAFE the fine-tuned pooling's. ``--summary`` writes a small JSON that points at the
+records and holds the masses (records hold no attention masses); the Markdown table is printed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_json
 from ..clip.attnpool import attention_weights
-from ..clip.models import load_clip
-from ..clip.text import zero_shot_classifier
-from ..data import get_dataset, sample_few_shot
 from ..data import miniworld_tasks as mt
-from ..features.extract import dense_features
-from ..methods import ClipHead, FewShotData, SplitFeatures, make_method
-from ..methods.base import accuracy
-from ..runs import provenance, write_record
+from ..data.targets import target_attention_mass, target_grid_masks
+from ..features.maps import DenseMaps
+from ..runs import provenance, run_grid
 
+SUMMARY_FORMAT = "safelib.miniclip_eval/2"
 # Row label -> (method name, config). SAFE's settings are ours, fixed before looking at test.
 ROWS: dict[str, tuple[str, dict]] = {
     "zero-shot": ("zero_shot", {}),
@@ -43,7 +43,8 @@ ROWS: dict[str, tuple[str, dict]] = {
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What the comparison depends on. `pool_per_class` = (train pool, val pool, test) images per class."""
+    """What the comparison depends on. ``pool_per_class`` = (train pool, val pool, test) images per
+    class of the task (its ``dataset_options``); ``train_views``: augmented views per training image."""
 
     task: str = "miniworld_shape_largest"
     shots: int = 16
@@ -53,6 +54,7 @@ class EvalConfig:
     checkpoint: str | None = None  # None: the shipped mini-CLIP
     safe: dict = field(default_factory=lambda: {"epochs": 30, "lr": 1e-3, "batch_size": 32})
     rows: tuple[str, ...] = tuple(ROWS)
+    train_views: int = 10
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
@@ -69,78 +71,78 @@ class EvalConfig:
         if not self.seeds:
             raise ValueError("seeds must name at least one few-shot seed (the field uses 1, 2, 3)")
 
+    def method_configs(self) -> dict[str, list[dict]]:
+        """``run_grid``'s ``method_configs``: one entry per row, SAFE's rows on top of ``safe``."""
+        out: dict[str, list[dict]] = {}
+        for row in self.rows:
+            method, options = ROWS[row]
+            out.setdefault(method, []).append({**self.safe, **options} if method == "safe" else dict(options))
+        return out
 
-def _dense_maps(clip, images, batch_size: int = 64) -> torch.Tensor:
-    """N x C x H x W frozen-trunk maps of an ImageSet (one eval view)."""
-    pixels = torch.stack([clip.preprocess(images.load_image(i)) for i in range(len(images))])  # N x 3 x S x S
-    return dense_features(clip, pixels, batch_size=batch_size)
 
-
-def _rows_of(ids: tuple[str, ...], pool_ids: tuple[str, ...]) -> torch.Tensor:
-    where = {image_id: row for row, image_id in enumerate(pool_ids)}
-    return torch.tensor([where[i] for i in ids])
+def _row_of(record: dict) -> str:
+    config = record["config"]
+    for row, (method, options) in ROWS.items():
+        if method == config["method"] and all(config["method_config"].get(k) == v for k, v in options.items()):
+            return row
+    raise ValueError(f"no row for the run {config['method']} {config['method_config']}")
 
 
 @torch.no_grad()
-def _mass(attnpool, dense: torch.Tensor, coverage: np.ndarray) -> float:
-    return float(mt.target_attention_mass(attention_weights(attnpool, dense), coverage).mean())
+def _masses(attnpool: torch.nn.Module, dense: torch.Tensor, coverage: np.ndarray) -> float:
+    return float(target_attention_mass(attention_weights(attnpool, dense), coverage).mean())
 
 
-def evaluate(config: EvalConfig = EvalConfig(), clip=None, progress: bool = True) -> dict:
-    """Run the comparison; returns the record (per-seed accuracies in percent and attention masses)."""
-    start = time.perf_counter()
-    clip = clip if clip is not None else load_clip("miniclip", pretrained=config.checkpoint)
-    data = get_dataset(config.task, per_class=config.pool_per_class, seed=config.task_seed)
-    head = ClipHead(zero_shot_classifier(clip, data.classnames, data.templates), clip.logit_scale,
-                    clip.attnpool, data.classnames)
-    pools = {name: getattr(data, name) for name in ("train", "val", "test")}
-    dense = {name: _dense_maps(clip, images) for name, images in pools.items()}  # N x C x H x W each
-    coverage = mt.target_grid_masks(pools["test"], clip.grid)  # N x grid x grid
-    test = SplitFeatures(labels=torch.tensor(pools["test"].labels), dense=dense["test"][None])
-    original_mass = _mass(clip.attnpool, dense["test"], coverage)
-    features_s = time.perf_counter() - start
+def evaluate(config: EvalConfig = EvalConfig(), clip: Any = None, cache_dir: str = "cache",
+             out_dir: str = "runs/miniclip_eval", progress: bool = True) -> dict:
+    """Run the grid (finished runs are read back, then fitted again for their attention); return the summary.
 
-    per_seed: dict[str, list[dict]] = {row: [] for row in config.rows}
-    for seed in config.seeds:
-        train, val = sample_few_shot(data, config.shots, seed)
-        splits = {}
-        for name, few in (("train", train), ("val", val)):
-            rows = _rows_of(few.ids, pools[name].ids)
-            splits[name] = SplitFeatures(labels=torch.tensor(few.labels), dense=dense[name][rows][None])
-        few_shot = FewShotData(splits["train"], splits["val"], head, seed=seed)
-        for row in config.rows:
-            method_name, options = ROWS[row]
-            if method_name == "safe":
-                options = {**config.safe, **options}
-            t0 = time.perf_counter()
-            method = make_method(method_name, options).fit(few_shot)
-            acc = accuracy(method.predict(test), test.labels)
-            mass = _mass(method.training.attnpool, dense["test"], coverage) if method_name == "safe" else original_mass
-            per_seed[row].append({"seed": seed, "test_acc": acc, "target_mass": mass,
-                                  "chosen": method.chosen, "seconds": time.perf_counter() - t0})
-            if progress:
-                print(f"seed {seed} {row:18s} acc {acc:5.1f}  target mass {mass:.3f}", flush=True)
-
+    The summary: per row, per seed, the run record's path, test accuracy (percent, from the record)
+    and attention mass on the target; means over seeds; the original pooling's mass.
+    """
+    records = run_grid(
+        config.task, list(dict.fromkeys(ROWS[r][0] for r in config.rows)), [config.shots], list(config.seeds),
+        method_configs=config.method_configs(), return_methods=True, clip=clip, progress=progress,
+        backbone="miniclip", weights=config.checkpoint or "shipped", train_views=config.train_views,
+        dataset_options={"per_class": list(config.pool_per_class), "seed": config.task_seed},
+        cache_dir=cache_dir, out_dir=out_dir,
+    )
+    original, per_seed = None, {row: [] for row in config.rows}
+    coverage = None  # every run shares the task's test split: its target masks are drawn once
+    for record, path, fitted in zip(records, records.paths, records.fitted):
+        row = _row_of(record)
+        mass = None
+        if fitted.method.feature_kind == "dense":
+            dense = DenseMaps.of(fitted.splits["test"].dense).view(0).float()  # N x C x H x W, the eval view
+            if coverage is None:
+                coverage = target_grid_masks(fitted.test_set, dense.shape[-1])  # N x grid x grid
+            if original is None:
+                original = _masses(fitted.head.attnpool, dense, coverage)
+            mass = _masses(fitted.method.training.attnpool, dense, coverage)
+        per_seed[row].append({"seed": record["config"]["seed"], "test_acc": record["test_acc"], "target_mass": mass,
+                              "record": os.path.relpath(path, out_dir)})
+    for runs in per_seed.values():  # zero-shot and the linear probe pool with the original layer
+        for entry in runs:
+            entry["target_mass"] = original if entry["target_mass"] is None else entry["target_mass"]
     summary = {row: {"test_acc_mean": float(np.mean([r["test_acc"] for r in runs])),
                      "test_acc_std": float(np.std([r["test_acc"] for r in runs])),
-                     "target_mass_mean": float(np.mean([r["target_mass"] for r in runs])),
-                     "target_mass_min_gain": float(min(r["target_mass"] - original_mass for r in runs))}
+                     "target_mass_mean": None if original is None else float(np.mean([r["target_mass"] for r in runs]))}
                for row, runs in per_seed.items()}
+    return {"format": SUMMARY_FORMAT, "config": asdict(config), "records_under": str(out_dir),
+            "original_target_mass": original, "per_seed": per_seed, "summary": summary,
+            "provenance": provenance()}
 
-    return {"kind": "miniclip_safe_comparison", "config": asdict(config), "provenance": provenance(),
-            "original_target_mass": original_mass, "per_seed": per_seed, "summary": summary,
-            "timings": {"features_s": features_s, "total_s": time.perf_counter() - start}}
 
-
-def markdown_table(record: dict) -> str:
+def markdown_table(summary: dict) -> str:
     """The comparison as a Markdown table: mean +- std over seeds, attention mass on the target."""
-    seeds = record["config"]["seeds"]
+    seeds = summary["config"]["seeds"]
     lines = [f"| method | test acc. (%), mean ± std over seeds {', '.join(map(str, seeds))} | "
              "target attention mass (mean) | per-seed accuracy |", "|---|---|---|---|"]
-    for row, runs in record["per_seed"].items():
-        s = record["summary"][row]
+    for row, runs in summary["per_seed"].items():
+        s = summary["summary"][row]
         per = " / ".join(f"{r['test_acc']:.1f}" for r in runs)
-        lines.append(f"| {row} | {s['test_acc_mean']:.1f} ± {s['test_acc_std']:.1f} | {s['target_mass_mean']:.3f} | {per} |")
+        mass = "n/a" if s["target_mass_mean"] is None else f"{s['target_mass_mean']:.3f}"
+        lines.append(f"| {row} | {s['test_acc_mean']:.1f} ± {s['test_acc_std']:.1f} | {mass} | {per} |")
     return "\n".join(lines)
 
 
@@ -152,15 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--checkpoint", default=None, help="a mini-CLIP safetensors file (default: the shipped one)")
     p.add_argument("--safe", default=json.dumps(d.safe), help="SAFE options as JSON (see safelib.SafeConfig)")
-    p.add_argument("--out", default="runs/miniclip_eval/record.json", help="JSON run record to write")
+    p.add_argument("--train-views", type=int, default=d.train_views)
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--out-dir", default="runs/miniclip_eval", help="where the run records go")
+    p.add_argument("--summary", default=None, help="JSON summary to write (paths of the records, attention masses)")
     a = p.parse_args(argv)
     config = EvalConfig(task=a.task, shots=a.shots, seeds=tuple(a.seeds), checkpoint=a.checkpoint,
-                        safe=json.loads(a.safe))
-    record = evaluate(config)
-
-    write_record(a.out, record)
-    print(markdown_table(record))
-    print(f"original pooling's target mass: {record['original_target_mass']:.3f}; record: {a.out}")
+                        safe=json.loads(a.safe), train_views=a.train_views)
+    summary = evaluate(config, cache_dir=a.cache_dir, out_dir=a.out_dir)
+    if a.summary:
+        Path(a.summary).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(a.summary), summary, sort_keys=True, indent=1)
+    print(markdown_table(summary))
+    print(f"original pooling's target mass: {summary['original_target_mass']:.3f}; records under {a.out_dir}")
 
 
 if __name__ == "__main__":

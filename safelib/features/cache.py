@@ -41,6 +41,8 @@ except ImportError:  # Windows: no cross-process lock
 
 FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
+CACHE_DTYPE = "float16"  # what dense maps are stored as, unless a writer asks for float32
+BYTES_PER_VALUE = np.dtype(CACHE_DTYPE).itemsize  # 2: the one place the planner and calibration size maps from
 VERIFY_MODES = ("full", "size", "none")
 MANIFEST, PROGRESS, MARKER = "manifest.json", "progress.json", "complete.json"
 CHUNK_BYTES = 64 * 2**20  # checksum granularity: small enough to resume often, big enough to hash fast
@@ -93,11 +95,14 @@ def _view_name(view: int) -> str:
 
 @dataclass(frozen=True)
 class CacheEntry:
-    """A complete, verified entry: read-only memmaps, one per view (``entry[k]`` is rows x item)."""
+    """A complete, verified entry: read-only memmaps, one per view (``entry[k]`` is rows x item).
+
+    Dense maps' entries become the one dense-map type with ``safelib.features.maps.DenseMaps.of(entry)``.
+    """
 
     path: Path
     manifest: dict
-    views: tuple[np.memmap, ...]
+    view_arrays: tuple[np.memmap, ...]
 
     @property
     def fields(self) -> dict:
@@ -105,7 +110,7 @@ class CacheEntry:
 
     @property
     def num_views(self) -> int:
-        return len(self.views)
+        return len(self.view_arrays)
 
     @property
     def num_rows(self) -> int:
@@ -119,19 +124,24 @@ class CacheEntry:
         return self.num_views
 
     def __getitem__(self, view: int) -> np.memmap:
-        return self.views[view]
+        return self.view_arrays[view]
 
     def rows(self, view: int, index: np.ndarray | torch.Tensor | slice) -> torch.Tensor:
         """Rows of one view as a fresh tensor in the stored dtype (sorted fancy index reads fastest)."""
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
-        return torch.from_numpy(np.array(self.views[view][index]))  # a copy: the memmap is read-only
+        return torch.from_numpy(np.array(self.view_arrays[view][index]))  # a copy: the memmap is read-only
 
     def to_tensor(self, view: int | None = None) -> torch.Tensor:
         """Everything in RAM: views x rows x item (or one view's rows x item)."""
         if view is not None:
-            return torch.from_numpy(np.array(self.views[view]))
-        return torch.from_numpy(np.stack([np.asarray(v) for v in self.views]))
+            return torch.from_numpy(np.array(self.view_arrays[view]))
+        return stack_views(self.view_arrays)
+
+
+def stack_views(view_arrays) -> torch.Tensor:
+    """Per-view arrays (a ``CacheEntry``, memmaps, arrays) read into one tensor ``views x rows x item`` in RAM."""
+    return torch.from_numpy(np.stack([np.asarray(v) for v in view_arrays]))
 
 
 def _check_manifest(path: Path, fields: Mapping[str, Any] | None) -> dict:
@@ -150,7 +160,7 @@ def _check_manifest(path: Path, fields: Mapping[str, Any] | None) -> dict:
 
 def _open_views(path: Path, manifest: dict, names: list[str], mode: str) -> list[np.memmap]:
     shape = (manifest["rows"], *manifest["item_shape"])
-    views = []
+    view_arrays = []
     for name in names:
         try:
             arr = np.load(path / name, mmap_mode=mode)
@@ -159,14 +169,14 @@ def _open_views(path: Path, manifest: dict, names: list[str], mode: str) -> list
         if arr.shape != shape or arr.dtype != np.dtype(manifest["dtype"]):
             raise CacheError(path, "corrupt", f"{name} is {arr.dtype} {arr.shape}, manifest says "
                                               f"{manifest['dtype']} {shape}")
-        views.append(arr)
-    return views
+        view_arrays.append(arr)
+    return view_arrays
 
 
-def _verify_chunks(path: Path, views: list[np.memmap], names: list[str], chunk_rows: int,
+def _verify_chunks(path: Path, view_arrays: list[np.memmap], names: list[str], chunk_rows: int,
                    checksums: list[list[str]], rows: int) -> None:
     """Compare each chunk of each view with its recorded checksum, up to ``rows`` rows."""
-    for view, name, sums in zip(views, names, checksums):
+    for view, name, sums in zip(view_arrays, names, checksums):
         starts = range(0, rows, chunk_rows)
         if len(sums) != len(starts):
             raise CacheError(path, "corrupt", f"{name}: {len(sums)} checksums for {len(starts)} chunks")
@@ -193,10 +203,10 @@ def open_entry(path: str | os.PathLike, fields: Mapping[str, Any] | None = None,
     except (OSError, ValueError) as err:
         raise CacheError(path, "corrupt", f"{MARKER} unreadable ({err})") from None
     names = [_view_name(k) for k in range(manifest["views"])]
-    views = _open_views(path, manifest, names, "r")
+    view_arrays = _open_views(path, manifest, names, "r")
     if verify == "full":
-        _verify_chunks(path, views, names, manifest["chunk_rows"], marker["checksums"], manifest["rows"])
-    return CacheEntry(path, manifest, tuple(views))
+        _verify_chunks(path, view_arrays, names, manifest["chunk_rows"], marker["checksums"], manifest["rows"])
+    return CacheEntry(path, manifest, tuple(view_arrays))
 
 
 @contextlib.contextmanager
@@ -235,7 +245,7 @@ class CacheWriter:
     """
 
     def __init__(self, root: str | os.PathLike, fields: Mapping[str, Any], rows: int,
-                 item_shape: tuple[int, ...], views: int = 1, dtype: str = "float16",
+                 item_shape: tuple[int, ...], views: int = 1, dtype: str = CACHE_DTYPE,
                  chunk_rows: int | None = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPES)}")
@@ -265,10 +275,10 @@ class CacheWriter:
                     and not (self.path / MARKER).exists():
                 self.manifest = existing
                 progress = _read_json(self.path / PROGRESS)
-                views = _open_views(self.path, self.manifest, self.names, "r+")
-                _verify_chunks(self.path, views, self.names, self.manifest["chunk_rows"],
+                view_arrays = _open_views(self.path, self.manifest, self.names, "r+")
+                _verify_chunks(self.path, view_arrays, self.names, self.manifest["chunk_rows"],
                                progress["checksums"], progress["rows"])
-                self._views, self.checksums = views, progress["checksums"]
+                self._views, self.checksums = view_arrays, progress["checksums"]
                 self._buffered_from = progress["rows"]
                 return int(progress["rows"])
         except (OSError, ValueError, KeyError, CacheError):

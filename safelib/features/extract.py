@@ -4,21 +4,23 @@ Everything below ``attnpool`` is frozen, so a dense map (N x C x H x W, RN50: 20
 only on the image view and the weights: the trunk runs once per view, the maps go to the cache
 (``safelib.features.cache``, fp16), and SAFE's training epochs only ever read them. Methods that need only
 pooled features (zero-shot, linear probe, adapters) cache N x D features the same way.
-Taught in the book's "Caching the trunk" section.
+Taught in "SAFE, step by step"
+(notebooks/02_safe.ipynb), section "One run: cache the dense maps, fit, choose the blend, test".
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import weakref
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..clip.attnpool import attention_pool
-from ..data import ImageViews, ViewSpec, collate_views
+from ..clip.models import ClipModel, module_digest
+from ..data import ImageSet, ImageViews, ViewSpec, collate_views
 from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
@@ -26,25 +28,26 @@ AUTOCAST_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloa
 _WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def weights_digest(clip) -> str:
-    """A hash of the image tower's weights, computed once per model.
+def weights_digest(clip: ClipModel) -> str:
+    """A hash of the image tower's weights (``module_digest``), computed once per model.
 
     The weights' name ("shipped", a file path) is not enough for a cache key: a re-pretrained
     mini-CLIP or a replaced file keeps its name and would silently be served the old maps.
     """
     visual = clip.model.visual
     if visual not in _WEIGHT_DIGESTS:
-        digest = hashlib.blake2b(digest_size=8)
-        for name, tensor in sorted(visual.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        _WEIGHT_DIGESTS[visual] = digest.hexdigest()
+        _WEIGHT_DIGESTS[visual] = module_digest(visual)
     return _WEIGHT_DIGESTS[visual]
 
 
-def _autocast(device: torch.device, autocast_dtype: str | None):
+def check_autocast_dtype(autocast_dtype: str | None) -> None:
+    """Refuse an autocast dtype the trunk cannot run in, naming the valid ones (`AUTOCAST_DTYPES`)."""
     if autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_dtype={autocast_dtype!r}; valid: {', '.join(map(str, AUTOCAST_DTYPES))}")
+        raise ValueError(f"autocast_dtype={autocast_dtype!r}; valid: {', '.join(map(repr, AUTOCAST_DTYPES))}")
+
+
+def _autocast(device: torch.device, autocast_dtype: str | None):
+    check_autocast_dtype(autocast_dtype)
     if autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[autocast_dtype])
@@ -52,7 +55,7 @@ def _autocast(device: torch.device, autocast_dtype: str | None):
 
 
 @torch.no_grad()
-def dense_features(clip, images: torch.Tensor, batch_size: int = 64,
+def dense_features(clip: ClipModel, images: torch.Tensor, batch_size: int = 64,
                    autocast_dtype: str | None = None) -> torch.Tensor:
     """Frozen-trunk dense maps N x C x H x W (float32) for preprocessed images N x 3 x S x S.
 
@@ -81,7 +84,7 @@ def pooled_features(attnpool: torch.nn.Module, dense: torch.Tensor, batch_size: 
     return torch.cat(out)
 
 
-def feature_cache_fields(clip, *, kind: Literal["dense", "pooled"], dataset: str, split: str,
+def feature_cache_fields(clip: ClipModel, *, kind: Literal["dense", "pooled"], dataset: str, split: str,
                          ids: list | tuple, transform: str, views: int, view_seed: int,
                          autocast_dtype: str | None = None, **extra: Any) -> dict:
     """Everything that changes cached features, as the key fields of one cache entry.
@@ -91,8 +94,7 @@ def feature_cache_fields(clip, *, kind: Literal["dense", "pooled"], dataset: str
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"kind={kind!r}; valid: {', '.join(FEATURE_KINDS)}")
-    if autocast_dtype not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast_dtype={autocast_dtype!r}; valid: {', '.join(map(str, AUTOCAST_DTYPES))}")
+    check_autocast_dtype(autocast_dtype)
     return {
         "kind": kind, "model": clip.name, "weights": str(clip.pretrained), "weights_digest": weights_digest(clip),
         "image_size": int(clip.image_size),
@@ -102,7 +104,7 @@ def feature_cache_fields(clip, *, kind: Literal["dense", "pooled"], dataset: str
     }
 
 
-def cache_features(clip, fields: dict, batches: Callable[[int], Iterable[torch.Tensor]],
+def cache_features(clip: ClipModel, fields: dict, batches: Callable[[int], Iterable[torch.Tensor]],
                    root: str | os.PathLike, *, verify: Literal["full", "size", "none"] = "full",
                    progress: bool = True) -> CacheEntry:
     """The cache entry for ``fields``: opened if present and sound, else (re)built and opened.
@@ -119,7 +121,7 @@ def cache_features(clip, fields: dict, batches: Callable[[int], Iterable[torch.T
         return find_entry(root, fields, verify) or _build(clip, fields, batches, root, progress)
 
 
-def _build(clip, fields: dict, batches: Callable[[int], Iterable[torch.Tensor]], root: str | os.PathLike,
+def _build(clip: ClipModel, fields: dict, batches: Callable[[int], Iterable[torch.Tensor]], root: str | os.PathLike,
            progress: bool) -> CacheEntry:
     kind, rows, views = fields["kind"], fields["num_images"], fields["views"]
     if kind == "dense":
@@ -166,7 +168,7 @@ def tensor_batches(views: torch.Tensor, batch_size: int = 64) -> Callable[[int],
     return batches
 
 
-def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, kind: Literal["dense", "pooled"] = "dense",
+def cache_image_features(clip: ClipModel, images: ImageSet, root: str | os.PathLike, *, split: str, kind: Literal["dense", "pooled"] = "dense",
                          views: int | str = 0, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
                          autocast_dtype: str | None = None, verify: Literal["full", "size", "none"] = "full",
                          progress: bool = True, dataset: str | None = None, **extra: Any) -> CacheEntry:
@@ -182,19 +184,17 @@ def cache_image_features(clip, images, root: str | os.PathLike, *, split: str, k
 
         train = cache_image_features(clip, few_shot_train, "cache/", split="train", views=10, seed=1)
         train[3]   # memmap N x C x H x W: the fourth augmented view of every image
+        maps = DenseMaps.of(train)   # the one dense-map type (what SplitFeatures(dense=train) holds)
     """
-    from torch.utils.data import DataLoader, Subset
-
-
     spec = ViewSpec.for_clip(clip, views=views, seed=seed)
     fields = feature_cache_fields(clip, kind=kind, dataset=dataset or images.name, split=split,
                                   ids=list(images.ids), transform=repr(spec.transform()), views=spec.num_views,
                                   view_seed=spec.seed, autocast_dtype=autocast_dtype, image_set=images.name,
                                   **extra)
-    dataset = ImageViews(images, spec)
+    image_views = ImageViews(images, spec)
 
     def batches(start: int) -> Iterator[torch.Tensor]:
-        rest = Subset(dataset, range(start, len(dataset)))  # items keep their index: same views on resume
+        rest = Subset(image_views, range(start, len(image_views)))  # items keep their index: same views on resume
         loader = DataLoader(rest, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_views,
                             pin_memory=clip.device.type == "cuda")
         for batch in loader:

@@ -1,15 +1,20 @@
-"""The dense-map cache placed where the planner said, handing SAFE's trainer one batch at a time.
+"""Dense maps as one type: ``DenseMaps``, views x N x C x H x W, wherever their bytes live.
 
-Three homes for ``V x N x C x H x W`` fp16 maps (``safelib.perf.planner``):
+A dense map is the frozen trunk's output for one image view. One object carries all of them from
+the cache to SAFE's trainer and to every method that pools: ``DenseMaps.of(x)`` takes a cache entry,
+a ``V x N x C x H x W`` tensor (or ``N x C x H x W``, one view), per-view arrays, or a ``DenseMaps``
+(returned as is), and checks the shape once. Where the bytes live is its placement:
 
-    DeviceMaps    one tensor in the training device's memory; a batch is an index on the device
+    DeviceMaps    one tensor (in the training device's memory once placed); a batch is an index
     PinnedMaps    one page-locked host tensor; rows gathered into a pinned buffer, copied asynchronously
-    StreamedMaps  the cache entry's per-view memmaps; a background thread reads the next batches
-                  (one sorted read per view) while the current one trains
+    StreamedMaps  one array per view (a cache entry's memmaps); ``prefetch`` batches are read ahead in a
+                  background thread while the current one trains
 
-All three keep fp16 until the batch is on the device (half the bytes over PCIe) and are sequences of
-per-view arrays, so code that only knows the cache format still works with them. ``train_safe``
-asks them for an epoch's batches (``epoch_batches``), which is what lets the streamed one read ahead.
+``maps.placed(placement, device)`` (or ``place_maps``) moves them where the planner said
+(``safelib.perf.planner``). The dtype/device policy, in one place: maps keep the dtype they were
+stored in (the cache's fp16) wherever they live, so half the bytes cross PCIe; ``view(v)`` hands one
+view in that dtype where it lies (a memmap wrapped, not read), and callers cast where they compute;
+training batches (``gather``, ``epoch_batches``) arrive on the training device as float32.
 """
 from __future__ import annotations
 
@@ -17,14 +22,16 @@ import os
 import queue
 import threading
 import warnings
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import ClassVar, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-PLACEMENTS = ("device", "pinned", "memmap")  # fastest first
+from .cache import CacheEntry
 
+PLACEMENTS = ("device", "pinned", "memmap")  # fastest first
 
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
@@ -33,29 +40,53 @@ def _torch_dtype(dtype) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.from_numpy(np.empty(0, dtype)).dtype
 
 
-def _as_tensor(view) -> Tensor:
-    """A memmapped (read-only) view as a tensor sharing its memory: torch reads it without a numpy copy."""
-    if isinstance(view, Tensor):
-        return view
-    with warnings.catch_warnings():  # read-only memmap: we never write through the tensor
+def _wrap(array) -> Tensor:
+    """A (read-only, memory-mapped) array as a tensor sharing its memory: nothing is read or copied."""
+    if isinstance(array, Tensor):
+        return array
+    with warnings.catch_warnings():  # a read-only memmap: we never write through the tensor
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.asarray(view))
+        return torch.from_numpy(np.asarray(array))
 
 
-class PlacedMaps:
-    """Maps ``V x N x C x H x W`` somewhere; subclasses say how a batch of (view, row) pairs is assembled."""
+class DenseMaps:
+    """Dense maps ``V x N x C x H x W``; subclasses say where they live and how a batch is assembled.
 
-    placement = ""
+    Build one with ``DenseMaps.of(x)``. It indexes like the 5-D tensor it stands for:
+    ``len(maps)`` is the number of views and ``maps[v]`` is ``maps.view(v)``.
+    """
 
-    def __init__(self, views: Sequence, shape: tuple[int, ...]):
-        self._views = views
-        self.shape = tuple(int(s) for s in shape)
+    placement: ClassVar[str] = ""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, path: Path | None = None):
+        self.shape: tuple[int, ...] = tuple(int(s) for s in shape)
+        self.dtype: torch.dtype = dtype
+        self.path = path  # the cache entry the maps came from, if any (the planner measures its disk)
         self.bytes_gathered = 0  # stored bytes of every batch handed out: what the planner predicts
 
-    @property
-    def map_bytes(self) -> int:
-        return int(np.prod(self.shape[2:])) * torch.empty((), dtype=_torch_dtype(self.dtype)).element_size()
+    @classmethod
+    def of(cls, maps: "MapsLike") -> "DenseMaps":
+        """The maps as a ``DenseMaps``: accepts every form dense maps come in, and checks the shape once.
 
+        A ``DenseMaps`` is returned as is; a tensor stays where it lies (``N x C x H x W`` is one view);
+        a ``CacheEntry``'s memmaps and other per-view arrays are read batch by batch, never all at once.
+        """
+        if isinstance(maps, DenseMaps):
+            return maps
+        if isinstance(maps, Tensor):
+            return DeviceMaps(maps.unsqueeze(0) if maps.ndim == 4 else maps)
+        if isinstance(maps, CacheEntry):
+            return StreamedMaps(maps.view_arrays, prefetch=0, pin=False, path=maps.path)
+        if isinstance(maps, np.ndarray):
+            return StreamedMaps([maps] if maps.ndim == 4 else list(maps), prefetch=0, pin=False)
+        if isinstance(maps, Sequence) and not isinstance(maps, (str, bytes)):
+            if len(maps) and all(isinstance(v, Tensor) for v in maps):
+                return DeviceMaps(torch.stack(list(maps)))
+            return StreamedMaps(maps, prefetch=0, pin=False)
+        raise TypeError(f"dense maps must be a DenseMaps, a V x N x C x H x W (or N x C x H x W) tensor, a "
+                        f"CacheEntry or a sequence of per-view N x C x H x W arrays; got {type(maps).__name__}")
+
+    # --- what the maps are -------------------------------------------------------------------
     @property
     def num_views(self) -> int:
         return self.shape[0]
@@ -65,109 +96,197 @@ class PlacedMaps:
         return self.shape[1]
 
     @property
-    def dtype(self):
-        return self._views[0].dtype
+    def map_shape(self) -> tuple[int, int, int]:
+        """One map's C x H x W."""
+        return self.shape[2:]
+
+    @property
+    def map_bytes(self) -> int:
+        """Stored bytes of one map."""
+        return int(np.prod(self.map_shape)) * self.dtype.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of every map of every view."""
+        return self.num_views * self.num_images * self.map_bytes
+
+    @property
+    def device(self) -> torch.device:
+        """Where the bytes are (host memory unless placed on a GPU)."""
+        return torch.device("cpu")
+
+    def view(self, v: int) -> Tensor:
+        """View ``v`` as an N x C x H x W tensor in the stored dtype, where it lies (no copy)."""
+        raise NotImplementedError
+
+    def eval_view(self) -> Tensor:
+        """The single eval view of a val/test split, N x C x H x W (no copy)."""
+        if self.num_views != 1:
+            raise ValueError(f"val and test splits carry exactly one eval view; got {self.num_views} views "
+                             "(the train split is the one with augmented views)")
+        return self.view(0)
 
     def __len__(self) -> int:
-        return self.shape[0]
+        return self.num_views
 
-    def __getitem__(self, view: int):
-        return self._views[view]
+    def __getitem__(self, v: int) -> Tensor:
+        if not -self.num_views <= v < self.num_views:
+            raise IndexError(f"view {v} of {self.num_views}")
+        return self.view(v % self.num_views)
 
-    def __iter__(self):
-        return iter(self._views[v] for v in range(self.shape[0]))
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self.view(v) for v in range(self.num_views))
 
-    def gather(self, views: Tensor, rows: Tensor, device: torch.device) -> Tensor:
-        """Maps of (``views[j]``, ``rows[j]``) as B x C x H x W float32 on ``device``."""
-        return self._to_device(self._host(views, rows), device)
+    def __repr__(self) -> str:
+        views, images, *item = self.shape
+        return (f"{type(self).__name__}({views} views x {images} images x {' x '.join(map(str, item))}, "
+                f"{str(self.dtype).removeprefix('torch.')}, {self.placement} on {self.device})")
 
-    def epoch_batches(self, order: Tensor, views: Tensor, batch_size: int,
-                      device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """(rows, maps) for consecutive slices of ``order``; image ``i`` shows view ``views[i]``."""
+    # --- batches for training ----------------------------------------------------------------
+    def assemble(self, view_of_row: Tensor, rows: Tensor) -> Tensor:
+        """Maps of (``view_of_row[j]``, ``rows[j]``) as B x C x H x W in the stored dtype, where the maps live."""
+        raise NotImplementedError
+
+    def gather(self, view_of_row: Tensor, rows: Tensor, device: str | torch.device) -> Tensor:
+        """Maps of (``view_of_row[j]``, ``rows[j]``) as B x C x H x W float32 on ``device``."""
+        return _to_device(self.assemble(view_of_row, rows), device)
+
+    def epoch_batches(self, order: Tensor, view_of_row: Tensor, batch_size: int,
+                      device: str | torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """(rows, maps) for consecutive slices of ``order``; image ``i`` shows view ``view_of_row[i]``."""
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             self.bytes_gathered += len(rows) * self.map_bytes
-            yield rows, self.gather(views[rows], rows, device)
+            yield rows, self.gather(view_of_row[rows], rows, device)
 
-    def _host(self, views: Tensor, rows: Tensor) -> Tensor:
-        raise NotImplementedError
+    # --- placement ---------------------------------------------------------------------------
+    def placed(self, placement: str, device: str | torch.device = "cpu", prefetch: int = 2) -> "DenseMaps":
+        """The same maps in ``placement`` ("device", "pinned", "memmap") for training on ``device``.
 
-    @staticmethod
-    def _to_device(batch: Tensor, device: torch.device) -> Tensor:
+        "device" and "pinned" copy the maps there, chunk by chunk (never two full copies in RAM);
+        "pinned" needs CUDA: page-locked memory only speeds up copies to a GPU. "memmap" reads the
+        per-view arrays batch by batch, ``prefetch`` batches ahead in a background thread.
+        """
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement={placement!r}; valid: {', '.join(PLACEMENTS)}")
         device = torch.device(device)
-        if batch.device == device:
-            return batch.float()
-        return batch.to(device, non_blocking=batch.is_pinned()).float()
+        if placement == "device":
+            return DeviceMaps(self._copied(device, pin=False), self.path)
+        if placement == "pinned":
+            if not torch.cuda.is_available():
+                raise ValueError("placement 'pinned' needs CUDA (pinned memory only speeds up copies to a GPU); "
+                                 "on a CPU use 'device' (maps in RAM) or 'memmap'")
+            return PinnedMaps(self._copied(torch.device("cpu"), pin=True), self.path)
+        return StreamedMaps(self._per_view(), prefetch=prefetch, pin=device.type == "cuda", path=self.path)
+
+    def _per_view(self) -> list:
+        """One array (or tensor) per view, as a streamed placement reads them."""
+        return list(self)
+
+    def _copied(self, device: torch.device, pin: bool, chunk_rows: int = 256) -> Tensor:
+        """The maps copied into one V x N x C x H x W tensor on ``device``, chunk by chunk."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=device, pin_memory=pin)
+        for v in range(self.num_views):
+            source = self.view(v)
+            for start in range(0, self.num_images, chunk_rows):
+                out[v, start:start + chunk_rows].copy_(source[start:start + chunk_rows])
+        return out
 
 
-class DeviceMaps(PlacedMaps):
-    """All maps in the training device's memory: nothing moves but the picked rows."""
+MapsLike = Union[DenseMaps, Tensor, CacheEntry, np.ndarray, Sequence]  # every form DenseMaps.of accepts
+
+
+def _to_device(batch: Tensor, device: str | torch.device) -> Tensor:
+    device = torch.device(device)
+    if batch.device == device:
+        return batch.float()
+    return batch.to(device, non_blocking=batch.is_pinned()).float()
+
+
+class _TensorMaps(DenseMaps):
+    """Maps held as one V x N x C x H x W tensor."""
+
+    def __init__(self, maps: Tensor, path: Path | None = None):
+        if maps.ndim != 5:
+            raise ValueError(f"dense maps must be views x N x C x H x W (or N x C x H x W for one view), "
+                             f"got shape {tuple(maps.shape)}")
+        super().__init__(maps.shape, maps.dtype, path)
+        self.maps = maps
+
+    @property
+    def device(self) -> torch.device:
+        return self.maps.device
+
+    def view(self, v: int) -> Tensor:
+        return self.maps[v]
+
+
+class DeviceMaps(_TensorMaps):
+    """All maps in one tensor (the training device's memory once placed): nothing moves but the picked rows."""
 
     placement = "device"
 
-    def __init__(self, maps: Tensor):
-        if maps.ndim != 5:
-            raise ValueError(f"maps must be V x N x C x H x W, got shape {tuple(maps.shape)}")
-        super().__init__(maps, maps.shape)
-        self.maps = maps
-
-    def gather(self, views: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+    def assemble(self, view_of_row: Tensor, rows: Tensor) -> Tensor:
         on = self.maps.device
         if on.type == "cpu" and self.maps.dtype in _NUMPY_DTYPES:
             # numpy copies whole rows (memcpy); torch's CPU index kernel goes element by element in fp16
-            picked = torch.from_numpy(self.maps.numpy()[views.numpy(), rows.numpy()])
-        else:
-            picked = self.maps[views.to(on), rows.to(on)]
-        return picked.to(device).float()                                                # B x C x H x W
+            return torch.from_numpy(self.maps.numpy()[view_of_row.numpy(), rows.numpy()])
+        return self.maps[view_of_row.to(on), rows.to(on)]                                # B x C x H x W
 
 
-class PinnedMaps(PlacedMaps):
+class PinnedMaps(_TensorMaps):
     """All maps in page-locked RAM; each batch is gathered into a pinned buffer and copied asynchronously."""
 
     placement = "pinned"
 
-    def __init__(self, maps: Tensor):
-        if maps.ndim != 5:
-            raise ValueError(f"maps must be V x N x C x H x W, got shape {tuple(maps.shape)}")
-        super().__init__(maps, maps.shape)
+    def __init__(self, maps: Tensor, path: Path | None = None):
+        super().__init__(maps, path)
         self.flat = maps.flatten(0, 1)                                   # (V*N) x C x H x W, a view
 
-    def _host(self, views: Tensor, rows: Tensor) -> Tensor:
-        index = (views.cpu() * self.num_images + rows.cpu()).numpy()
-        out = torch.empty((len(index), *self.shape[2:]), dtype=self.flat.dtype, pin_memory=self.flat.is_pinned())
+    def assemble(self, view_of_row: Tensor, rows: Tensor) -> Tensor:
+        index = (view_of_row.cpu() * self.num_images + rows.cpu()).numpy()
+        out = torch.empty((len(index), *self.map_shape), dtype=self.dtype, pin_memory=self.flat.is_pinned())
         np.take(self.flat.numpy(), index, axis=0, out=out.numpy())                      # row copies into pinned RAM
         return out
 
 
-class StreamedMaps(PlacedMaps):
-    """The cache entry's memmaps, read batch by batch; ``prefetch`` batches are read ahead in a thread."""
+class StreamedMaps(DenseMaps):
+    """One array per view (a cache entry's memmaps), read batch by batch; ``prefetch`` batches ahead in a thread."""
 
     placement = "memmap"
 
-    def __init__(self, views: Sequence, prefetch: int = 2, pin: bool | None = None):
-        shapes = {tuple(v.shape) for v in views}
-        if len(views) == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 4:
-            raise ValueError(f"views must be per-view arrays sharing one N x C x H x W shape, got {sorted(shapes)}")
-        super().__init__(list(views), (len(views), *next(iter(shapes))))
+    def __init__(self, view_arrays: Sequence, prefetch: int = 2, pin: bool | None = None, path: Path | None = None):
+        arrays = [v.cpu().numpy() if isinstance(v, Tensor) else v for v in view_arrays]
+        shapes = {tuple(v.shape) for v in arrays}
+        if len(arrays) == 0 or len(shapes) != 1 or len(next(iter(shapes))) != 4:
+            raise ValueError(f"dense maps' per-view arrays must share one N x C x H x W shape, got {sorted(shapes)}")
         if not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"prefetch must be an int >= 0 (0 = read in the training thread), got {prefetch!r}")
+        super().__init__((len(arrays), *next(iter(shapes))), _torch_dtype(arrays[0].dtype), path)
+        self.view_arrays = arrays
         self.prefetch = prefetch
         self.pin = torch.cuda.is_available() if pin is None else pin
 
-    def _host(self, views: Tensor, rows: Tensor) -> Tensor:
-        views, rows = views.cpu().numpy(), rows.cpu().numpy()
-        out = torch.empty((len(rows), *self.shape[2:]), dtype=_torch_dtype(self.dtype), pin_memory=self.pin)
+    def view(self, v: int) -> Tensor:
+        return _wrap(self.view_arrays[v])
+
+    def _per_view(self) -> list:
+        return list(self.view_arrays)
+
+    def assemble(self, view_of_row: Tensor, rows: Tensor) -> Tensor:
+        view_of_row, rows = view_of_row.cpu().numpy(), rows.cpu().numpy()
+        out = torch.empty((len(rows), *self.map_shape), dtype=self.dtype, pin_memory=self.pin)
         target = out.numpy()
-        for v in np.unique(views):          # one read per view, rows ascending: sequential where it can be
-            pick = np.flatnonzero(views == v)
+        for v in np.unique(view_of_row):    # one read per view, rows ascending: sequential where it can be
+            pick = np.flatnonzero(view_of_row == v)
             pick = pick[np.argsort(rows[pick])]
-            target[pick] = self._views[v][rows[pick]]                                 # numpy: row memcpy
+            target[pick] = self.view_arrays[v][rows[pick]]                            # numpy: row memcpy
         return out
 
-    def epoch_batches(self, order: Tensor, views: Tensor, batch_size: int,
-                      device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    def epoch_batches(self, order: Tensor, view_of_row: Tensor, batch_size: int,
+                      device: str | torch.device) -> Iterator[tuple[Tensor, Tensor]]:
         if self.prefetch == 0:
-            yield from super().epoch_batches(order, views, batch_size, device)
+            yield from super().epoch_batches(order, view_of_row, batch_size, device)
             return
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
@@ -178,7 +297,7 @@ class StreamedMaps(PlacedMaps):
                     if stop.is_set():
                         return
                     rows = order[start:start + batch_size]
-                    ready.put((rows, self._host(views[rows], rows)))
+                    ready.put((rows, self.assemble(view_of_row[rows], rows)))
                 ready.put(None)
             except BaseException as error:  # hand the failure to the training thread
                 ready.put(error)
@@ -191,7 +310,7 @@ class StreamedMaps(PlacedMaps):
                     raise item
                 rows, host = item
                 self.bytes_gathered += len(rows) * self.map_bytes
-                yield rows, self._to_device(host, device)
+                yield rows, _to_device(host, device)
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -202,37 +321,13 @@ class StreamedMaps(PlacedMaps):
                 reader.join(timeout=0.05)
 
 
-def _materialise(views: Sequence, device: torch.device, pin: bool, chunk_rows: int = 256) -> Tensor:
-    """Copy per-view arrays into one V x N x C x H x W tensor, chunk by chunk (never two full copies)."""
-    first = views[0]
-    dtype = _torch_dtype(first.dtype)
-    out = torch.empty((len(views), *first.shape), dtype=dtype, device=device, pin_memory=pin)
-    for v, view in enumerate(views):
-        source = _as_tensor(view)
-        for start in range(0, source.shape[0], chunk_rows):
-            out[v, start:start + chunk_rows].copy_(source[start:start + chunk_rows])
-    return out
+def place_maps(dense: MapsLike, plan, device: str | torch.device = "cpu", prefetch: int = 2) -> DenseMaps:
+    """The maps (any form ``DenseMaps.of`` takes) in ``plan``'s placement: ``DenseMaps.placed``.
 
-
-def place_maps(dense, plan, device: str | torch.device = "cpu", prefetch: int = 2) -> PlacedMaps:
-    """The maps (cache entry, per-view arrays, or a V x N x ... tensor) in ``plan``'s placement.
-
-    ``plan`` is a placement name ("device", "pinned", "memmap") or a ``CachePlan`` (its ``placement``). "pinned" needs CUDA:
-    page-locked memory only speeds up copies to a GPU.
+    ``plan`` is a placement name ("device", "pinned", "memmap") or a ``CachePlan`` (its ``placement``).
     """
     placement = plan if isinstance(plan, str) else plan.placement
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement={placement!r}; valid: {', '.join(PLACEMENTS)}")
-    device = torch.device(device)
-    views = [dense[v] for v in range(dense.shape[0])] if isinstance(dense, Tensor) else list(dense)
-    if placement == "device":
-        return DeviceMaps(_materialise(views, device, pin=False))
-    if placement == "pinned":
-        if not torch.cuda.is_available():
-            raise ValueError("placement 'pinned' needs CUDA (pinned memory only speeds up copies to a GPU); "
-                             "on a CPU use 'device' (maps in RAM) or 'memmap'")
-        return PinnedMaps(_materialise(views, torch.device("cpu"), pin=True))
-    return StreamedMaps(views, prefetch=prefetch, pin=device.type == "cuda")
+    return DenseMaps.of(dense).placed(placement, device, prefetch)
 
 
 def drop_page_cache(path: str | os.PathLike) -> None:

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
 from .base import (
@@ -15,18 +14,21 @@ from .base import (
     MethodConfig,
     SplitFeatures,
     accuracy,
+    config_from_dict,
     select_best,
 )
 from .clip_adapter import ClipAdapter, ClipAdapterConfig, adapter_mix
-from .linear_probe import LinearProbe, LinearProbeConfig
+from .coop import Coop, CoopConfig
+from .linear_probe import LinearProbe, LinearProbeAug, LinearProbeAugConfig, LinearProbeConfig
 from .tip_adapter import TipAdapter, TipAdapterConfig, TipAdapterF, TipAdapterFConfig, cache_logits, tip_logits
 from .safe import Safe, SafeConfig
 from .safe_a import SafeA, SafeAClipAdapter, SafeAClipAdapterConfig, SafeATipConfig
 from .zero_shot import ZeroShot, ZeroShotConfig
+from .presets import resolve_preset
 
 METHODS: dict[str, type[FewShotMethod]] = {
     cls.name: cls
-    for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe, SafeA, SafeAClipAdapter)
+    for cls in (ZeroShot, LinearProbe, ClipAdapter, TipAdapter, TipAdapterF, Safe, SafeA, SafeAClipAdapter, Coop, LinearProbeAug)
 }
 
 
@@ -45,17 +47,7 @@ def method_config(name: str, config: MethodConfig | Mapping[str, Any] | None = N
         if not isinstance(config, cls.config_class):
             raise TypeError(f"method {name!r} takes a {cls.config_class.__name__}, got {type(config).__name__}")
         return config
-    return _config_from_dict(cls.config_class, dict(config or {}), f"method {name!r}")
-
-
-def _config_from_dict(config_class: type, overrides: dict[str, Any], what: str) -> Any:
-    """``config_class(**overrides)`` with unknown keys named and JSON lists turned into tuples."""
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {what}; valid options: {sorted(fields) or 'none'}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return config_class(**overrides)
+    return config_from_dict(cls.config_class, dict(config or {}), f"method {name!r}")
 
 
 def make_method(name: str, config: MethodConfig | Mapping[str, Any] | None = None) -> FewShotMethod:
@@ -91,9 +83,14 @@ __all__ = [
     "ZeroShotConfig",
     "LinearProbe",
     "LinearProbeConfig",
+    "LinearProbeAug",
+    "LinearProbeAugConfig",
     "ClipAdapter",
     "ClipAdapterConfig",
     "adapter_mix",
+    "Coop",
+    "CoopConfig",
+    "resolve_preset",
     "TipAdapter",
     "TipAdapterConfig",
     "TipAdapterF",

@@ -14,18 +14,20 @@ them computed from dense maps when only those were cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence, Union
-
-import numpy as np
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..features.cache import stack_views
+from ..clip.text import class_logits
 from ..features.extract import pooled_features
+from ..features.maps import DenseMaps
 
 __all__ = [
     "SplitFeatures",
@@ -40,26 +42,6 @@ __all__ = [
 ]
 
 
-Views = Union[Tensor, Sequence[np.ndarray]]  # a tensor V x N x ..., or one array per view (a CacheEntry)
-
-
-def views_shape(views: Views) -> tuple[int, ...]:
-    """``V x N x ...`` of a tensor or of a sequence of per-view arrays (a cache entry's memmaps)."""
-    if isinstance(views, Tensor):
-        return tuple(views.shape)
-    shapes = {tuple(v.shape) for v in views}
-    if len(shapes) != 1:
-        raise ValueError(f"every view must have one shape, got {sorted(shapes)}")
-    return (len(views), *shapes.pop())
-
-
-def as_tensor(views: Views) -> Tensor:
-    """A tensor ``V x N x ...``; per-view arrays are stacked into RAM (use for pooled features)."""
-    if isinstance(views, Tensor):
-        return views
-    return torch.from_numpy(np.stack([np.asarray(v) for v in views]))
-
-
 @dataclass(frozen=True)
 class SplitFeatures:
     """One split (train, val or test) as the feature cache holds it.
@@ -67,15 +49,16 @@ class SplitFeatures:
     ``pooled`` are the *original* attnpool outputs, unnormalised, one slice per image view:
     the train split carries the K augmented views, val and test one eval view each.
     ``dense`` are the frozen trunk's maps for the same views; SAFE trains on them.
-    Either may be absent, not both. Each is a tensor ``V x N x ...`` on any device and in any
-    float dtype (the cache stores fp16), or a sequence of per-view arrays such as a
-    ``safelib.features.cache.CacheEntry`` (memory-mapped, so dense maps need not fit in RAM).
+    Either may be absent, not both. ``pooled`` is a tensor ``V x N x D`` on any device and in any
+    float dtype (the cache stores fp16); per-view arrays (a ``CacheEntry``) are read into one once.
+    ``dense`` is a ``DenseMaps``; anything ``DenseMaps.of`` takes (a tensor, a ``CacheEntry``,
+    per-view arrays) is converted once, here, so memory-mapped maps need not fit in RAM.
     Methods cast to float32 where they compute.
     """
 
     labels: Tensor  # N, int64 class indices
-    pooled: Views | None = None  # V x N x D
-    dense: Views | None = None  # V x N x C x H x W
+    pooled: Tensor | None = None  # V x N x D
+    dense: DenseMaps | None = None  # V x N x C x H x W
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, Tensor) or self.labels.ndim != 1:
@@ -85,30 +68,27 @@ class SplitFeatures:
         if self.pooled is None and self.dense is None:
             raise ValueError("a split needs pooled features (V x N x D) or dense maps (V x N x C x H x W); got neither")
         n = self.labels.shape[0]
-        shapes = {}
-        for name, ndim, what in (("pooled", 3, "views x N x D"), ("dense", 5, "views x N x C x H x W")):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            shape = views_shape(value)
-            if len(shape) != ndim or shape[1] != n:
-                raise ValueError(f"{name} must be {what} with N = {n} labels, got shape {shape}")
-            shapes[name] = shape
-        if len(shapes) == 2 and shapes["pooled"][0] != shapes["dense"][0]:
+        if self.pooled is not None:
+            pooled = self.pooled if isinstance(self.pooled, Tensor) else stack_views(self.pooled)
+            if pooled.ndim != 3 or pooled.shape[1] != n:
+                raise ValueError(f"pooled must be views x N x D with N = {n} labels, got shape {tuple(pooled.shape)}")
+            object.__setattr__(self, "pooled", pooled)
+        if self.dense is not None:
+            dense = DenseMaps.of(self.dense)
+            if dense.num_images != n:
+                raise ValueError(f"dense must be views x N x C x H x W with N = {n} labels, got shape {dense.shape}")
+            object.__setattr__(self, "dense", dense)
+        if self.pooled is not None and self.dense is not None and self.pooled.shape[0] != self.dense.num_views:
             raise ValueError(
-                f"pooled and dense must carry the same views, got {shapes['pooled'][0]} and {shapes['dense'][0]}"
+                f"pooled and dense must carry the same views, got {self.pooled.shape[0]} and {self.dense.num_views}"
             )
 
     @property
     def num_views(self) -> int:
-        return views_shape(self.pooled if self.pooled is not None else self.dense)[0]
+        return self.pooled.shape[0] if self.pooled is not None else self.dense.num_views
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    def with_pooled(self, pooled: Tensor) -> "SplitFeatures":
-        """The same split with other pooled features (e.g. SAFE's blended ones), dense maps dropped."""
-        return SplitFeatures(labels=self.labels, pooled=pooled)
 
     def permuted_labels(self, generator: torch.Generator | None = None) -> "SplitFeatures":
         """The same features with shuffled labels: the leakage check's control."""
@@ -121,13 +101,16 @@ class ClipHead:
     """What every method shares from the frozen CLIP: the text classifier and its temperature.
 
     ``attnpool`` is the model's original (frozen) attention pooling; it is needed only to pool
-    dense maps (SAFE, or a cache that holds dense maps only).
+    dense maps (SAFE, or a cache that holds dense maps only). ``clip`` is the frozen
+    ``safelib.clip.ClipModel`` (text tower and tokenizer), for methods that encode prompts of
+    their own (CoOp); the run fills it.
     """
 
     classifier: Tensor  # D x K, unit-norm columns (prompt-ensemble text embeddings)
     logit_scale: float
     attnpool: nn.Module | None = None
     classnames: tuple[str, ...] = ()
+    clip: Any = field(default=None, repr=False, compare=False)  # a ClipModel, or None
 
     def __post_init__(self) -> None:
         if not isinstance(self.classifier, Tensor) or self.classifier.ndim != 2:
@@ -149,8 +132,7 @@ class ClipHead:
 
     def text_logits(self, features: Tensor) -> Tensor:
         """Zero-shot logits of unit-norm features: ``logit_scale * f @ W``."""
-        weights = self.classifier.to(device=features.device, dtype=features.dtype)
-        return self.logit_scale * features @ weights  # N x D @ D x K -> N x K
+        return class_logits(features, self.classifier, self.logit_scale, normalize=False)  # N x K
 
 
 @dataclass(frozen=True)
@@ -193,32 +175,25 @@ def pool_split(split: SplitFeatures, head: ClipHead, batch: int = 256) -> Tensor
     """
     device = head.classifier.device
     if split.pooled is not None:
-        return as_tensor(split.pooled).to(device)
+        return split.pooled.to(device)
     if head.attnpool is None:
         raise ValueError("this split has only dense maps; pooling them needs ClipHead(attnpool=...)")
-
-    views = [pooled_features(head.attnpool, view_tensor(view), batch) for view in split.dense]
+    maps = split.dense
+    views = [pooled_features(head.attnpool, maps.view(v), batch) for v in range(maps.num_views)]
     return torch.stack(views).to(device)
 
 
-def eval_view(features: Views) -> Tensor:
-    """The single eval view of a val/test split: ``1 x N x ... -> N x ...`` (memmaps stay lazy)."""
-    count = views_shape(features)[0]
-    if count != 1:
+def eval_view(pooled: Tensor) -> Tensor:
+    """The single eval view of a val/test split's pooled features: ``1 x N x D -> N x D``.
+
+    Dense maps have theirs as ``DenseMaps.eval_view()``.
+    """
+    if pooled.shape[0] != 1:
         raise ValueError(
-            f"val and test splits carry exactly one eval view; got {count} views "
+            f"val and test splits carry exactly one eval view; got {pooled.shape[0]} views "
             "(the train split is the one with augmented views)"
         )
-    return view_tensor(features[0])
-
-
-def view_tensor(view: Tensor | np.ndarray) -> Tensor:
-    """One view ``N x ...`` as a tensor; a memmapped view is wrapped, not read into RAM."""
-    if isinstance(view, Tensor):
-        return view
-    with warnings.catch_warnings():  # a read-only memmap: we never write to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(view)
+    return pooled[0]
 
 
 @dataclass(frozen=True)
@@ -226,9 +201,17 @@ class MethodConfig:
     """Base of every method's frozen config; subclasses validate their fields in __post_init__."""
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return asdict(self)
+
+
+def config_from_dict(config_class: type, overrides: dict[str, Any], what: str) -> Any:
+    """``config_class(**overrides)`` with unknown keys named and JSON lists turned into tuples."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {what}; valid options: {sorted(fields) or 'none'}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return config_class(**overrides)
 
 
 class FewShotMethod(ABC):
@@ -244,6 +227,9 @@ class FewShotMethod(ABC):
     # What the run must cache for it: "pooled" features, or "dense" maps for methods that pool
     # themselves (SAFE). Dense-map splits also serve pooled features (pooled on demand).
     feature_kind: ClassVar[str] = "pooled"
+    # Which views of the training images the run caches: "augmented" (its train_views random
+    # crops) or "eval" (one un-augmented view, as CoOp's linear probe trains on).
+    train_view: ClassVar[str] = "augmented"
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         config = self.config_class() if config is None else config
@@ -263,6 +249,11 @@ class FewShotMethod(ABC):
         self._fit(data)
         self._fitted = True
         return self
+
+    @property
+    def fitted(self) -> bool:
+        """Whether ``fit`` has run (``predict`` refuses until it has)."""
+        return self._fitted
 
     def predict(self, test: SplitFeatures) -> Tensor:
         """``N x K`` logits of the test split (its labels are never read)."""

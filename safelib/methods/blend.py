@@ -8,7 +8,8 @@ SAFE keeps CLIP's original pooling next to the fine-tuned one and mixes their un
 ``blend`` (not ``alpha``, which Tip-Adapter already uses). It is chosen on the few-shot validation
 set by accuracy, ties broken by validation cross-entropy, then by closeness to 0.5 (our rule: the
 paper's full text was not available). Each attnpool pools the evaluation set once; a sweep over
-``blend`` then costs only these cheap mixes. Taught in the book's "Blending" section.
+``blend`` then costs only these cheap mixes. Taught in "SAFE, step by step"
+(notebooks/02_safe.ipynb), section "Choosing the blend on validation".
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..clip.text import class_logits  # CLIP's logits; imported from here by safe.py and classifier.py
 
 DEFAULT_BLEND_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -30,14 +33,6 @@ def blend_features(f_ft: torch.Tensor, f_orig: torch.Tensor, blend: float) -> to
     return F.normalize(blend * F.normalize(f_ft, dim=-1) + (1 - blend) * F.normalize(f_orig, dim=-1), dim=-1)
 
 
-def class_logits(features: torch.Tensor, text_weights: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """CLIP's logits N x K: ``logit_scale * cos(f, w_k)`` for unit text columns ``text_weights`` D x K."""
-    if features.shape[-1] != text_weights.shape[0]:
-        raise ValueError(f"features have D={features.shape[-1]} but text_weights are {tuple(text_weights.shape)} "
-                         "(expected D x K)")
-    return logit_scale * F.normalize(features, dim=-1) @ text_weights.to(features.dtype)
-
-
 def _check_blend(blend: float) -> None:
     if not (isinstance(blend, (int, float)) and 0.0 <= blend <= 1.0):
         raise ValueError(f"blend must be a number in [0, 1], got {blend!r}")
@@ -45,7 +40,7 @@ def _check_blend(blend: float) -> None:
 
 @dataclass(frozen=True)
 class BlendPoint:
-    """One blend weight evaluated on one labelled set."""
+    """One blend weight evaluated on one labelled set (accuracy in percent, like every accuracy here)."""
 
     blend: float
     accuracy: float
@@ -81,7 +76,8 @@ def sweep_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, 
     for blend in grid:
         logits = class_logits(blend_features(f_ft, f_orig, float(blend)), text_weights.to(f_ft.device), logit_scale)
         correct = int((logits.argmax(-1) == labels).sum())
-        points.append(BlendPoint(float(blend), correct / len(labels), float(F.cross_entropy(logits, labels)), correct))
+        points.append(BlendPoint(float(blend), 100.0 * correct / len(labels), float(F.cross_entropy(logits, labels)),
+                                 correct))
     return tuple(points)
 
 

@@ -8,7 +8,6 @@ metadata needed to rebuild it; loading onto another backbone or other weights is
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,20 +19,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from ..clip.attnpool import attention_pool
-from ..clip.models import load_clip
-from .blend import blend_features, class_logits
+from ..clip.models import ClipModel, load_clip, module_digest
+from .safe import Safe, safe_features, safe_logits
 
-FILE_FORMAT = "safelib.SafeClassifier/1"
-
-
-def attnpool_fingerprint(attnpool: nn.Module) -> str:
-    """A hash of an attnpool's weights: tells whether two models pool identically, whatever their tags."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(attnpool.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+# /2: the attnpool fingerprint is ``module_digest`` (blake2b), the hash the feature cache keys on
+FILE_FORMAT = "safelib.SafeClassifier/2"
 
 
 class SafeClassifier(nn.Module):
@@ -44,7 +34,7 @@ class SafeClassifier(nn.Module):
     submodule: move it with ``clip.to(device)`` alongside ``classifier.to(device)``.
     """
 
-    def __init__(self, clip, attnpool: nn.Module, text_weights: Tensor, classnames: Sequence[str],
+    def __init__(self, clip: ClipModel, attnpool: nn.Module, text_weights: Tensor, classnames: Sequence[str],
                  templates: Sequence[str], blend: float):
         super().__init__()
         if text_weights.ndim != 2 or text_weights.shape[0] != clip.embed_dim:
@@ -61,9 +51,11 @@ class SafeClassifier(nn.Module):
         self.classnames, self.templates, self.blend = tuple(classnames), tuple(templates), float(blend)
 
     @classmethod
-    def from_safe(cls, clip, method, templates: Sequence[str]) -> "SafeClassifier":
+    def from_safe(cls, clip: ClipModel, method: Safe, templates: Sequence[str]) -> "SafeClassifier":
         """Package a fitted ``Safe`` method (its attnpool, text classifier, chosen blend) with ``clip``."""
-        if not getattr(method, "_fitted", False):
+        if not isinstance(method, Safe):
+            raise TypeError(f"from_safe packages a fitted Safe method, got {type(method).__name__}")
+        if not method.fitted:
             raise RuntimeError("fit the Safe method before packaging it")
         head = method.head
         classnames = head.classnames or tuple(f"class {k}" for k in range(head.num_classes))
@@ -71,17 +63,15 @@ class SafeClassifier(nn.Module):
 
     @torch.no_grad()
     def features_from_dense(self, dense: Tensor) -> Tensor:
-        """Blended unit features N x D from dense maps N x C x H x W (one pass per pooling)."""
-        dense = dense.to(self.text_weights.device, torch.float32)
-        f_ft = attention_pool(self.attnpool, dense)
-        f_orig = attention_pool(self.clip.attnpool, dense)
-        return blend_features(f_ft, f_orig, self.blend)
+        """Blended unit features N x D from dense maps N x C x H x W (``safe_features``, as ``Safe`` predicts)."""
+        return safe_features(self.attnpool, self.clip.attnpool, dense.to(self.text_weights.device), self.blend)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        """Class logits N x K for preprocessed images N x 3 x S x S."""
+        """Class logits N x K for preprocessed images N x 3 x S x S (``safe_logits``, as ``Safe`` predicts)."""
         dense = self.clip.trunk(images.to(self.text_weights.device))                  # N x C x H x W
-        return class_logits(self.features_from_dense(dense), self.text_weights, self.clip.logit_scale)
+        return safe_logits(self.attnpool, self.clip.attnpool, dense, self.text_weights, self.clip.logit_scale,
+                           self.blend)
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> list[str]:
@@ -91,7 +81,7 @@ class SafeClassifier(nn.Module):
     def metadata(self) -> dict[str, str]:
         return {
             "format": FILE_FORMAT, "backbone": self.clip.name, "weights": "" if self.clip.pretrained is None else str(self.clip.pretrained),
-            "attnpool_fingerprint": attnpool_fingerprint(self.clip.attnpool),
+            "attnpool_fingerprint": module_digest(self.clip.attnpool),
             "classnames": json.dumps(self.classnames), "templates": json.dumps(self.templates),
             "blend": repr(self.blend),
         }
@@ -106,7 +96,7 @@ class SafeClassifier(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, clip=None) -> "SafeClassifier":
+    def load(cls, path: str | os.PathLike, clip: ClipModel | None = None) -> "SafeClassifier":
         """Rebuild from ``save``'s file onto ``clip`` (default: ``load_clip`` of the saved backbone and weights)."""
         path = Path(path)
         if not path.is_file():
@@ -125,7 +115,7 @@ class SafeClassifier(nn.Module):
         if clip.name != meta["backbone"]:
             raise ValueError(f"{path} was fitted on backbone {meta['backbone']!r}; it cannot run on {clip.name!r}. "
                              f"Load it with sl.load_clip({meta['backbone']!r}, {meta['weights']!r}).")
-        fingerprint = attnpool_fingerprint(clip.attnpool)
+        fingerprint = module_digest(clip.attnpool)
         if fingerprint != meta["attnpool_fingerprint"]:
             raise ValueError(f"{path} was fitted on {meta['backbone']} with weights {meta['weights']!r}, but the "
                              f"given model's weights ({clip.pretrained!r}) differ (attnpool fingerprint "

@@ -9,8 +9,8 @@ cache and runs only ``attention_pool`` (the exact, fast one-query form) forwards
 
 The paper's abstract fixes the idea; its full text was not available to us, so every other
 choice below (which tensors train, the loss target, optimiser, schedule, epochs, learning rate)
-is ours, named in ``SafeConfig``, and studied in the ablation chapter.
-Taught in the book's "SAFE" chapter.
+is ours and named in ``SafeConfig``, so each can be varied.
+Taught in the book's "SAFE, step by step" chapter (notebooks/02_safe.ipynb).
 """
 from __future__ import annotations
 
@@ -19,18 +19,17 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..clip.attnpool import attention_pool
+from ..features.augment import FEATURE_AUGMENTS, augment_generator, augment_maps
 from ..features.extract import pooled_features
-from ..features.maps import DeviceMaps, PlacedMaps, StreamedMaps
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view
+from ..features.maps import DenseMaps, MapsLike
+from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures
 from .blend import DEFAULT_BLEND_GRID, blend_features, choose_blend, class_logits, fixed_blend
 
 # Trainable tensor sets, by attnpool submodule / parameter name prefix.
@@ -56,6 +55,8 @@ class SafeConfig(MethodConfig):
     loss_on: "finetuned" trains f_ft alone; "blended" trains the blend with ``train_blend``.
     blend: a fixed inference blend, or None to choose it on validation from ``blend_grid``.
     amp: mixed precision (fp16 autocast + grad scaling), used only on CUDA.
+    feature_augment: views drawn from the cached maps while training (``safelib.features.augment``):
+        "none", "flip", "crop" or "flip+crop"; lets one cached view per image stand in for K.
     The seed is not here: it comes with the data (``FewShotData.seed``), shared by every method.
 
     epochs=30 and lr=1e-3 are what the mini-CLIP acceptance runs used (``safelib.experiments.miniclip_eval``);
@@ -75,6 +76,12 @@ class SafeConfig(MethodConfig):
     blend: float | None = None
     blend_grid: tuple[float, ...] = DEFAULT_BLEND_GRID
     amp: bool = True
+    feature_augment: str = "none"
+
+    @property
+    def safe_config(self) -> "SafeConfig":
+        """The SAFE training settings this config runs (itself; SAFE-A's configs return their nested one)."""
+        return self
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blend_grid", tuple(float(b) for b in self.blend_grid))
@@ -91,6 +98,8 @@ class SafeConfig(MethodConfig):
             problems.append(f"decay_to={self.decay_to!r}; valid: {', '.join(DECAY_TARGETS)}")
         if self.trainable not in TRAINABLE_SETS:
             problems.append(f"trainable={self.trainable!r}; valid: {', '.join(TRAINABLE_SETS)}")
+        if self.feature_augment not in FEATURE_AUGMENTS:
+            problems.append(f"feature_augment={self.feature_augment!r}; valid: {', '.join(FEATURE_AUGMENTS)}")
         if self.loss_on not in LOSS_TARGETS:
             problems.append(f"loss_on={self.loss_on!r}; valid: {', '.join(LOSS_TARGETS)}")
         for name in ("train_blend", "blend"):
@@ -126,103 +135,121 @@ def adamw(params: list[nn.Parameter], **options) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **options)
 
 
+class SafeStep:
+    """One SAFE optimiser step, and the state it updates: the trainable copy of ``attnpool`` (``pool``),
+    AdamW, its cosine schedule over ``steps`` steps, and the fp16 gradient scaler.
+
+    ``train_safe`` calls it once per batch; ``safelib.perf.calibration`` times it, so the planner's
+    rates are those of this very step. A batch is B x C x H x W float32 on ``attnpool``'s device.
+    """
+
+    def __init__(self, attnpool: nn.Module, text_weights: Tensor, logit_scale: float, config: SafeConfig,
+                 steps: int):
+        device = next(attnpool.parameters()).device
+        self.original, self.logit_scale, self.config = attnpool, logit_scale, config
+        self.text_weights = text_weights.to(device, torch.float32)
+        self.pool = trainable_attnpool(attnpool, config.trainable)
+        self.trainable = [p for p in self.pool.parameters() if p.requires_grad]
+        self.pretrained = [p.detach().clone() for p in self.trainable]
+        self.use_amp = config.amp and device.type == "cuda"
+        decay_in_adamw = config.weight_decay if config.decay_to == "zero" else 0.0
+        self.optimizer = adamw(self.trainable, lr=config.lr, weight_decay=decay_in_adamw)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
+        self.scaler = (torch.amp.GradScaler("cuda", enabled=self.use_amp) if hasattr(torch.amp, "GradScaler")
+                       else torch.cuda.amp.GradScaler(enabled=self.use_amp))  # torch < 2.3
+
+    def __call__(self, batch: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward, backward and update on one batch; returns its loss and logits B x K."""
+        config = self.config
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
+        with autocast:
+            features = attention_pool(self.pool, batch)                                  # B x D
+            if config.loss_on == "blended":
+                with torch.no_grad():
+                    original = attention_pool(self.original, batch)
+                features = blend_features(features.float(), original.float(), config.train_blend)
+            logits = class_logits(features.float(), self.text_weights, self.logit_scale)  # B x K
+            loss = F.cross_entropy(logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if config.weight_decay and config.decay_to == "pretrained":
+            lr = self.optimizer.param_groups[0]["lr"]
+            with torch.no_grad():  # decoupled, like AdamW's, but pulling towards CLIP's weights
+                for p, p0 in zip(self.trainable, self.pretrained):
+                    p.sub_(lr * config.weight_decay * (p - p0))
+        self.schedule.step()
+        return loss, logits
+
+
 @dataclass
 class SafeTraining:
     """What ``train_safe`` returns: the fine-tuned pooling and how training went."""
 
     attnpool: nn.Module
     losses: list[float] = field(default_factory=list)      # mean train loss per epoch
-    accuracies: list[float] = field(default_factory=list)  # train accuracy per epoch, in [0, 1]
+    accuracies: list[float] = field(default_factory=list)  # train accuracy per epoch, in percent
     seconds: float = 0.0
 
 
-def _as_placed(dense: Tensor | Sequence[np.ndarray] | PlacedMaps) -> PlacedMaps:
-    """The maps as ``safelib.features.maps`` holds them, so one piece of code assembles every batch.
-
-    A placed cache is used as given (a streamed one reads ahead while this one trains); a tensor
-    stays where it lies; per-view arrays (a ``CacheEntry``'s memmaps) are read batch by batch.
-    """
-    if isinstance(dense, PlacedMaps):
-        return dense
-    if isinstance(dense, Tensor):
-        return DeviceMaps(dense)
-    return StreamedMaps(dense, prefetch=0, pin=False)
-
-
-def _view_count(dense: Tensor | Sequence[np.ndarray]) -> tuple[int, int]:
-    if isinstance(dense, Tensor):
-        if dense.ndim != 5:
-            raise ValueError(f"dense maps must be views x N x C x H x W, got shape {tuple(dense.shape)}")
-        return dense.shape[0], dense.shape[1]
-    shapes = {tuple(v.shape) for v in dense}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
-        raise ValueError(f"dense views must share one N x C x H x W shape, got {sorted(shapes)}")
-    return len(dense), next(iter(shapes))[0]
-
-
-def train_safe(attnpool: nn.Module, dense: Tensor | Sequence[np.ndarray], labels: Tensor, text_weights: Tensor,
-               logit_scale: float, config: SafeConfig = SafeConfig(), seed: int = 1,
+def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weights: Tensor,
+               logit_scale: float, config: SafeConfig | None = None, seed: int = 1,
                progress: bool = False) -> SafeTraining:
     """Fine-tune a copy of ``attnpool`` on cached dense maps; ``attnpool`` itself is left untouched.
 
-    dense: views x N x C x H x W (a tensor anywhere, or a ``CacheEntry``'s per-view memmaps);
-    training runs on ``attnpool``'s device. Deterministic under ``seed`` on a CPU.
+    dense: views x N x C x H x W, a ``DenseMaps`` or anything ``DenseMaps.of`` takes (a tensor
+    anywhere, a ``CacheEntry``); training runs on ``attnpool``'s device. Each epoch shows every
+    image once, through a cached view drawn at random. Deterministic under ``seed`` on a CPU.
     """
-    num_views, n = _view_count(dense)
-    maps = _as_placed(dense)
+    config = SafeConfig() if config is None else config
+    maps = DenseMaps.of(dense)
+    n = maps.num_images
     if labels.ndim != 1 or len(labels) != n:
         raise ValueError(f"labels must be N={n} class indices, got shape {tuple(labels.shape)}")
-    param = next(attnpool.parameters())
-    device = param.device
-    text_weights = text_weights.to(device, torch.float32)
+    device = next(attnpool.parameters()).device
     labels = labels.to(device)
-    pool = trainable_attnpool(attnpool, config.trainable)
-    trainable = [p for p in pool.parameters() if p.requires_grad]
-    pretrained = [p.detach().clone() for p in trainable]
-    use_amp = config.amp and device.type == "cuda"
-    decay_in_adamw = config.weight_decay if config.decay_to == "zero" else 0.0
-    optimizer = adamw(trainable, lr=config.lr, weight_decay=decay_in_adamw)
-    steps = config.epochs * -(-n // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    scaler = (torch.amp.GradScaler("cuda", enabled=use_amp) if hasattr(torch.amp, "GradScaler")
-              else torch.cuda.amp.GradScaler(enabled=use_amp))  # torch < 2.3
+    step = SafeStep(attnpool, text_weights, logit_scale, config, steps=config.epochs * -(-n // config.batch_size))
     generator = torch.Generator().manual_seed(seed)
-    result = SafeTraining(pool)
+    augment_rng = augment_generator(seed)  # its own stream: "none" draws exactly as before
+    result = SafeTraining(step.pool)
     start_time = time.perf_counter()
     for _ in tqdm(range(config.epochs), desc="SAFE epochs", disable=not progress):
         order = torch.randperm(n, generator=generator)
-        views = torch.randint(num_views, (n,), generator=generator)  # a fresh cached view per image
+        view_of_row = torch.randint(maps.num_views, (n,), generator=generator)  # a fresh cached view per image
         total_loss, correct = 0.0, 0
-        for rows, batch in maps.epoch_batches(order, views, config.batch_size, device):  # B x C x H x W
+        for rows, batch in maps.epoch_batches(order, view_of_row, config.batch_size, device):  # B x C x H x W
             target = labels[rows.to(device)]
-            autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext()
-            with autocast:
-                features = attention_pool(pool, batch)                          # B x D
-                if config.loss_on == "blended":
-                    with torch.no_grad():
-                        original = attention_pool(attnpool, batch)
-                    features = blend_features(features.float(), original.float(), config.train_blend)
-                logits = class_logits(features.float(), text_weights, logit_scale)  # B x K
-                loss = F.cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if config.weight_decay and config.decay_to == "pretrained":
-                lr = optimizer.param_groups[0]["lr"]
-                with torch.no_grad():  # decoupled, like AdamW's, but pulling towards CLIP's weights
-                    for p, p0 in zip(trainable, pretrained):
-                        p.sub_(lr * config.weight_decay * (p - p0))
-            schedule.step()
+            loss, logits = step(augment_maps(batch, config.feature_augment, augment_rng), target)
             total_loss += loss.item() * len(rows)
             correct += int((logits.argmax(-1) == target).sum())
         result.losses.append(total_loss / n)
-        result.accuracies.append(correct / n)
+        result.accuracies.append(100.0 * correct / n)
     result.seconds = time.perf_counter() - start_time
-    pool.eval()
-    for p in pool.parameters():
+    step.pool.eval()
+    for p in step.pool.parameters():
         p.requires_grad_(False)
     return result
+
+
+def pool_with_both(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor,
+                   batch_size: int = 512) -> tuple[Tensor, Tensor]:
+    """Fine-tuned and original features N x D of dense maps N x C x H x W: one pass of each pooling."""
+    return pooled_features(pool_ft, dense, batch_size), pooled_features(pool_orig, dense, batch_size)
+
+
+def safe_features(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor, blend: float,
+                  batch_size: int = 512) -> Tensor:
+    """SAFE's blended unit features N x D of dense maps N x C x H x W (any dtype, any device)."""
+    f_ft, f_orig = pool_with_both(pool_ft, pool_orig, dense, batch_size)
+    return blend_features(f_ft.float(), f_orig.float(), blend)
+
+
+def safe_logits(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor, text_weights: Tensor,
+                logit_scale: float, blend: float, batch_size: int = 512) -> Tensor:
+    """SAFE's prediction, the one path ``Safe`` and ``SafeClassifier`` share: logits N x K of dense maps."""
+    features = safe_features(pool_ft, pool_orig, dense, blend, batch_size)
+    return class_logits(features, text_weights.to(features.device), logit_scale)
 
 
 class Safe(FewShotMethod):
@@ -247,7 +274,7 @@ class Safe(FewShotMethod):
         if config.blend is not None:
             self.blend = fixed_blend(config.blend)
         else:
-            f_ft, f_orig = self.pool_both(eval_view(data.val.dense))
+            f_ft, f_orig = self.pool_both(data.val.dense.eval_view())
             self.blend = choose_blend(f_ft, f_orig, data.val.labels, head.classifier, head.logit_scale,
                                       config.blend_grid)
         self.chosen = {"blend": self.blend.as_record(), "train_losses": self.training.losses,
@@ -255,12 +282,11 @@ class Safe(FewShotMethod):
 
     def pool_both(self, dense: Tensor) -> tuple[Tensor, Tensor]:
         """Fine-tuned and original features N x D of dense maps N x C x H x W: one pass each."""
-        return pooled_features(self.training.attnpool, dense), pooled_features(self.original, dense)
+        return pool_with_both(self.training.attnpool, self.original, dense)
 
     def _predict(self, test: SplitFeatures) -> Tensor:
         if test.dense is None:
             raise ValueError("SAFE pools dense maps; the test split has only pooled features (cache kind='dense')")
-        f_ft, f_orig = self.pool_both(eval_view(test.dense))
-        features = blend_features(f_ft.float(), f_orig.float(), self.blend.blend)
-        return class_logits(features, self.head.classifier.to(features.device), self.head.logit_scale)
+        return safe_logits(self.training.attnpool, self.original, test.dense.eval_view(), self.head.classifier,
+                           self.head.logit_scale, self.blend.blend)
 

@@ -27,20 +27,20 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import Tensor
 
+from ..features.maps import DenseMaps
 from .base import (
     ClipHead,
     FewShotData,
     FewShotMethod,
     MethodConfig,
     SplitFeatures,
-    view_tensor,
+    config_from_dict,
     best_index,
-    eval_view,
     validation_scores,
 )
 from .blend import blend_features
 from .clip_adapter import ClipAdapter, ClipAdapterConfig
-from .safe import Safe, SafeConfig
+from .safe import Safe, SafeConfig, safe_features
 from .tip_adapter import TipAdapterF, TipAdapterFConfig
 
 DEFAULT_BLENDS: tuple[float, ...] = (0.5, 0.25, 0.75, 1.0)
@@ -51,9 +51,7 @@ def _nested(value: Any, cls: type, name: str) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
-        from . import _config_from_dict
-
-        return _config_from_dict(cls, dict(value), name)
+        return config_from_dict(cls, dict(value), name)
     raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
@@ -64,6 +62,11 @@ class SafeAConfig(MethodConfig):
 
     safe: SafeConfig = field(default_factory=SafeConfig)
     blends: tuple[float, ...] = DEFAULT_BLENDS
+
+    @property
+    def safe_config(self) -> SafeConfig:
+        """The SAFE training settings this config runs (its nested ``safe``)."""
+        return self.safe
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "safe", _nested(self.safe, SafeConfig, "safe"))
@@ -103,7 +106,7 @@ class SafeA(FewShotMethod):
         self.safe = Safe(cfg.safe).fit(data)  # trained first, then frozen
         # Pool every view once with each attnpool; blends then cost only a mix.
         train_ft, train_orig = self._pool_views(data.train.dense)  # V x N x D each
-        val_ft, val_orig = self.safe.pool_both(eval_view(data.val.dense))  # N x D each
+        val_ft, val_orig = self.safe.pool_both(data.val.dense.eval_view())  # N x D each
         head = ClipHead(classifier=data.head.classifier, logit_scale=data.head.logit_scale,
                         classnames=data.head.classnames)
         fitted, scores, sweep = [], [], []
@@ -124,15 +127,15 @@ class SafeA(FewShotMethod):
             "safe": self.safe.chosen,
         }
 
-    def _pool_views(self, dense: Any) -> tuple[Tensor, Tensor]:
-        pairs = [self.safe.pool_both(view_tensor(view)) for view in dense]
+    def _pool_views(self, dense: DenseMaps) -> tuple[Tensor, Tensor]:
+        pairs = [self.safe.pool_both(dense.view(v)) for v in range(dense.num_views)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def _predict(self, test: SplitFeatures) -> Tensor:
         if test.dense is None:
             raise ValueError(f"{self.name} pools dense maps; the test split has only pooled features (cache kind='dense')")
-        f_ft, f_orig = self.safe.pool_both(eval_view(test.dense))
-        blended = blend_features(f_ft.float(), f_orig.float(), self.blend)[None]  # 1 x N x D
+        blended = safe_features(self.safe.training.attnpool, self.safe.original, test.dense.eval_view(),
+                                self.blend)[None]                                              # 1 x N x D
         return self.adapter.predict(SplitFeatures(labels=test.labels, pooled=blended))
 
 

@@ -4,21 +4,21 @@ A prediction is only as good as its rates, and spec sheets say little about a sh
 or a Colab disk. ``calibrate`` times the pieces of a SAFE epoch separately, on small synthetic
 data shaped like the real maps, in a few seconds:
 
-    compute   SAFE's optimizer step (fast attnpool forward + backward, logits, AdamW) at two batch
-              sizes, fitted as step_s + batch * map_s
+    compute   SAFE's optimizer step (``safelib.methods.safe.SafeStep``, the one ``train_safe`` takes)
+              at two batch sizes, fitted as step_s + batch * map_s
     gather    assembling batches from each placement the device has (``safelib.features.maps``)
     h2d       pinned host -> GPU copies (CUDA only)
     disk      reading a freshly written memmap after asking the OS to drop its pages (cold), and again (warm)
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..clip.attnpool import attention_pool
-from ..features.maps import DeviceMaps, PinnedMaps, StreamedMaps, drop_page_cache
-from ..methods.safe import adamw, trainable_attnpool
+from ..clip.attnpool import trained_grid
+from ..features.cache import BYTES_PER_VALUE
+from ..features.maps import DenseMaps, DeviceMaps, MapsLike, PinnedMaps, StreamedMaps, drop_page_cache
+from ..methods.safe import SafeConfig, SafeStep
 from .planner import Rates, Workload, plan_cache, profile_here
 
 
@@ -63,60 +64,35 @@ def synthetic_attnpool(map_shape: tuple[int, int, int] = (2048, 7, 7), seed: int
 
 
 def time_safe_step(attnpool: nn.Module, batch_size: int, num_classes: int = 1000, repeats: int = 3,
-                   pool_fn: Callable = attention_pool, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds for one SAFE optimizer step on a batch already on the attnpool's device.
-
-    Mirrors ``train_safe``'s defaults: on CUDA, fp16 autocast with gradient scaling (``SafeConfig.amp``).
+                   logit_scale: float = 100.0, config: SafeConfig | None = None,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds for one SAFE optimiser step (``SafeStep``, ``train_safe``'s own) on a batch already on
+    the attnpool's device, with ``config`` (default ``SafeConfig()``: on CUDA, fp16 autocast with
+    gradient scaling) at a tiny learning rate, so the repeats time the same weights. Synthetic maps and
+    text classifier; ``logit_scale`` (CLIP's is 100) changes the numbers, not the time.
     """
-    param = next(attnpool.parameters())
-    device = param.device
-    channels = attnpool.positional_embedding.shape[1]
-    side = int(round((attnpool.positional_embedding.shape[0] - 1) ** 0.5))
-    pool = _trainable_copy(attnpool)
-    optimizer = _optimizer([p for p in pool.parameters() if p.requires_grad])
-    out_dim = pool.c_proj.out_features
-    text = F.normalize(torch.randn(out_dim, num_classes, device=device), dim=0)
+    device = next(attnpool.parameters()).device
+    channels, side = attnpool.positional_embedding.shape[1], trained_grid(attnpool)
+    text = F.normalize(torch.randn(attnpool.c_proj.out_features, num_classes, device=device), dim=0)
     batch = torch.randn(batch_size, channels, side, side, device=device).relu()
     target = torch.randint(num_classes, (batch_size,), device=device)
-
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.float16) if amp else contextlib.nullcontext():
-            features = pool_fn(pool, batch)
-        logits = 100.0 * F.normalize(features.float(), dim=-1) @ text
-        loss = F.cross_entropy(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return _median_time(step, repeats, device, clock)
+    config = replace(config or SafeConfig(), lr=1e-6)
+    step = SafeStep(attnpool, text, logit_scale, config, steps=repeats + 1)
+    return _median_time(lambda: step(batch, target), repeats, device, clock)
 
 
-def _optimizer(params: list) -> torch.optim.Optimizer:
-
-    return adamw(params, lr=1e-6)
-
-
-def _trainable_copy(attnpool: nn.Module) -> nn.Module:
-
-    return trainable_attnpool(attnpool, "all")
-
-
-def _gather_rate(maps, device: torch.device, batch_size: int, host_only: bool, repeats: int,
+def _gather_rate(maps: DenseMaps, device: torch.device, batch_size: int, host_only: bool, repeats: int,
                  before: Callable[[], None] | None = None, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Bytes/s of assembling every row of a one-view placement in shuffled batches."""
+    """Bytes/s of assembling every row of a placement in shuffled batches (``host_only``: without the copy
+    to the device, which ``h2d`` measures apart)."""
     n = maps.num_images
-    bytes_total = n * maps.num_views * int(np.prod(maps.shape[2:])) * 2
     order = torch.randperm(n * maps.num_views)
-    views, rows = order // n, order % n
+    view_of_row, rows = order // n, order % n
 
     def one_pass() -> None:
         for start in range(0, len(order), batch_size):
-            v, r = views[start:start + batch_size], rows[start:start + batch_size]
-            maps._host(v, r) if host_only else maps.gather(v, r, device)
+            v, r = view_of_row[start:start + batch_size], rows[start:start + batch_size]
+            maps.assemble(v, r) if host_only else maps.gather(v, r, device)
 
     times = []
     for _ in range(repeats):
@@ -126,7 +102,7 @@ def _gather_rate(maps, device: torch.device, batch_size: int, host_only: bool, r
         one_pass()
         _sync(device)
         times.append(clock() - start)
-    return bytes_total / statistics.median(times)
+    return maps.nbytes / statistics.median(times)
 
 
 def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int] = (2048, 7, 7),
@@ -154,7 +130,7 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     if t_full <= t_half:  # noise swamped the slope: charge everything per map
         map_s, step_s = t_full / batch_size, 0.0
 
-    map_bytes = int(np.prod(map_shape)) * 2
+    map_bytes = int(np.prod(map_shape)) * BYTES_PER_VALUE  # the cache stores fp16
     rows = max(batch_size * 2, int(sample_bytes // map_bytes))
     maps = torch.randn(1, rows, *map_shape).to(torch.float16)
     cuda = device.type == "cuda"
@@ -163,7 +139,7 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
     if cuda:
         gather["pinned"] = _gather_rate(PinnedMaps(maps.pin_memory()), device, batch_size, True, repeats, clock=clock)
         host = maps[0, :batch_size * 4].pin_memory()
-        h2d = host.numel() * 2 / _median_time(lambda: host.to(device, non_blocking=True), repeats, device, clock)
+        h2d = host.nbytes / _median_time(lambda: host.to(device, non_blocking=True), repeats, device, clock)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix="safelib-calibrate-") as tmp:
         path = Path(tmp) / "view.npy"
         memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *map_shape))
@@ -194,18 +170,18 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
 _MEASURED: dict[tuple, Rates] = {}
 
 
-def plan_for_maps(dense, device: str | torch.device = "cpu", *, batch_size: int = 32, epochs: int = 20,
+def plan_for_maps(dense: MapsLike, device: str | torch.device = "cpu", *, batch_size: int = 32, epochs: int = 20,
                   cache_dir: str | os.PathLike | None = None, rates: Rates | None = None,
                   placement: str | None = None):
     """Measure (once per process, device and map shape) and plan where ``dense`` should live for training.
 
-    ``dense`` is the train split's maps (a cache entry, per-view arrays or a V x N x ... tensor). Returns
-    the ``CachePlan``; ``place_maps(dense, plan, device)`` then puts them there, and ``plan.as_record()``
+    ``dense`` is the train split's maps (a ``DenseMaps`` or anything ``DenseMaps.of`` takes). Returns
+    the ``CachePlan``; ``maps.placed(plan.placement, device)`` then puts them there, and ``plan.as_record()``
     goes into the run record. Raises ``PlanError`` (with the sizes) when the maps fit nowhere.
     """
-
     device = torch.device(device)
-    workload = Workload.from_maps(dense, batch_size=batch_size, epochs=epochs)
+    maps = DenseMaps.of(dense)
+    workload = Workload.from_maps(maps, batch_size=batch_size, epochs=epochs)
     if rates is None:
         key = (str(device), workload.map_shape, batch_size, str(cache_dir))
         if key not in _MEASURED:
@@ -213,5 +189,5 @@ def plan_for_maps(dense, device: str | torch.device = "cpu", *, batch_size: int 
             _MEASURED[key] = calibrate(device, workload.map_shape, max(2, batch_size), cache_dir=cache_dir,
                                        sample_bytes=min(64e6, 4 * workload.cache_bytes), repeats=2)
         rates = _MEASURED[key]
-    root = cache_dir if cache_dir is not None else getattr(dense, "path", ".")
+    root = cache_dir if cache_dir is not None else (maps.path or ".")
     return plan_cache(workload, profile_here(device, root, rates), rates, placement)

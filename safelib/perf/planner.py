@@ -19,12 +19,14 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..features.maps import PLACEMENTS
+from ..features.cache import BYTES_PER_VALUE
+from ..features.extract import AUTOCAST_DTYPES
+from ..features.maps import PLACEMENTS, DenseMaps, MapsLike
 
 GB = 1e9
 GIB = 2 ** 30
@@ -112,8 +114,8 @@ class DeviceProfile:
             problems.append(f"a cpu profile has no GPU memory, got gpu_bytes={self.gpu_bytes}")
         if not isinstance(self.cpus, int) or self.cpus < 1:
             problems.append(f"cpus must be an int >= 1, got {self.cpus!r}")
-        if self.autocast_dtype not in (None, "float16", "bfloat16"):
-            problems.append(f"autocast_dtype={self.autocast_dtype!r}; valid: None, 'float16', 'bfloat16'")
+        if self.autocast_dtype not in AUTOCAST_DTYPES:
+            problems.append(f"autocast_dtype={self.autocast_dtype!r}; valid: {', '.join(map(repr, AUTOCAST_DTYPES))}")
         if problems:
             raise ValueError(f"invalid DeviceProfile {self.name!r}: " + "; ".join(problems))
 
@@ -148,7 +150,7 @@ class Workload:
     images: int
     views: int
     map_shape: tuple[int, int, int] = (2048, 7, 7)
-    bytes_per_value: int = 2  # the cache stores fp16
+    bytes_per_value: int = BYTES_PER_VALUE  # the cache stores fp16
     batch_size: int = 32
     epochs: int = 20
     name: str = ""
@@ -172,13 +174,11 @@ class Workload:
         return cls(images=classes * shots, views=views, **kw)
 
     @classmethod
-    def from_maps(cls, dense, **kw) -> "Workload":
-        """The workload of a cache entry / per-view arrays / ``V x N x C x H x W`` tensor."""
-        shape = tuple(dense.shape) if hasattr(dense, "shape") and len(dense.shape) == 5 \
-            else (len(dense), *dense[0].shape)
-        item = dense.dtype if hasattr(dense, "dtype") else dense[0].dtype  # numpy or torch dtype
-        size = item.itemsize if hasattr(item, "itemsize") else torch.empty((), dtype=item).element_size()
-        return cls(images=int(shape[1]), views=int(shape[0]), map_shape=shape[2:], bytes_per_value=int(size), **kw)
+    def from_maps(cls, dense: MapsLike, **kw) -> "Workload":
+        """The workload of dense maps (a ``DenseMaps`` or anything ``DenseMaps.of`` takes)."""
+        maps = DenseMaps.of(dense)
+        return cls(images=maps.num_images, views=maps.num_views, map_shape=maps.map_shape,
+                   bytes_per_value=maps.dtype.itemsize, **kw)
 
     @property
     def map_bytes(self) -> int:
@@ -401,8 +401,3 @@ def profile_here(device: str | torch.device = "cuda" if torch.cuda.is_available(
                          cpus=os.cpu_count() or 1, autocast_dtype=autocast,
                          gpu_reserve_bytes=1.5 * GIB if gpu else 0.0, ram_reserve_bytes=2.0 * GIB,
                          nominal=rates, notes="measured now: free GPU memory, MemAvailable, free disk")
-
-
-def with_rates(profile: DeviceProfile, rates: Rates) -> DeviceProfile:
-    """The same profile planning with measured ``rates``."""
-    return replace(profile, nominal=rates)

@@ -7,10 +7,10 @@
 """
 from .config import RunConfig, RunConfigError
 from .records import RECORD_FORMAT, RECORD_SUFFIX, provenance, read_record, write_record
-from .runner import feature_kind, run, run_grid
-from .aggregate import aggregate, load_records, summary_table
+from .runner import FittedRun, GridRecords, feature_kind, run, run_grid
+from .aggregate import aggregate, load_records, records_frame, summary_table
 
 __all__ = [
-    "RECORD_FORMAT", "RECORD_SUFFIX", "RunConfig", "RunConfigError", "aggregate", "feature_kind", "load_records", "provenance", "read_record",
+    "FittedRun", "GridRecords", "RECORD_FORMAT", "RECORD_SUFFIX", "RunConfig", "RunConfigError", "aggregate", "feature_kind", "load_records", "provenance", "read_record", "records_frame",
     "run", "run_grid", "summary_table", "write_record",
 ]

@@ -8,6 +8,7 @@ Finished runs are skipped, so an interrupted grid resumes where it stopped.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -20,9 +21,6 @@ from .aggregate import aggregate, load_records, summary_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-
     parser = argparse.ArgumentParser(
         prog="python -m safelib.runs",
         description="Run few-shot methods over shots and seeds, write one record per run, print the table.",

@@ -1,12 +1,16 @@
 """The run config: everything one run needs, validated when built, before any work is done.
 
-A bad field is rejected with a message that names it and says what would be right. The config's
-``identity`` (a hash of what the run computes, not of where files live) names its record, so a
-rerun finds a finished run and a changed hyperparameter never reuses an old one.
+A bad field is rejected with a message that names it and says what would be right. The config
+holds its method's typed config (a ``MethodConfig``), built once here; it becomes plain JSON once,
+in ``to_dict`` when the record is written, and ``RunConfig.from_dict(record["config"])`` reads it
+back. The config's ``identity`` (a hash of what the run computes, not of where files live) names
+its record, so a rerun finds a finished run and a changed hyperparameter never reuses an old one.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -20,11 +24,19 @@ import torch
 from .records import RECORD_SUFFIX, jsonable
 from .. import data
 from ..clip.models import valid_model_names
-from ..methods import METHODS, method_config
+from ..features.extract import AUTOCAST_DTYPES
+from ..methods import METHODS, MethodConfig, method_config
+from ..methods.presets import without_later_fields
 
 # Fields that say where things live or how fast they run, not what is computed: left out of
 # the run's identity, so moving a cache or switching worker count never reruns a finished run.
 _NOT_IDENTITY = ("data_root", "cache_dir", "out_dir", "num_workers", "batch_size")
+# Fields added after records were first written: left out of the identity while at their default,
+# so every earlier record keeps its name.
+_LATER_FIELDS = {"test_dataset": None, "test_dataset_options": {}}
+# What names the data and the sample rather than the method's setting (aggregation groups on them).
+_DATA_FIELDS = ("dataset", "dataset_options", "test_dataset", "test_dataset_options", "shots", "seed",
+                "method", "backbone", "weights")
 
 
 class RunConfigError(ValueError):
@@ -37,10 +49,14 @@ class RunConfig:
 
     backbone, weights: ``load_clip(backbone, weights)``; "miniclip" with "shipped" is the offline default.
     dataset, dataset_options: a registered dataset (``safelib.data.list_datasets()``), options for
-        generated ones.
+        generated ones; the method trains and selects on it.
+    test_dataset, test_dataset_options: the dataset whose test split is scored (None: ``dataset``'s
+        own). Its classes must be among ``dataset``'s; with fewer (ImageNet-A, -R: 200 of
+        ImageNet's 1000) logits and labels are restricted to its classes.
     shots, seed: the few-shot sample (the field: shots 1/2/4/8/16, seeds 1/2/3); the seed also
         seeds every method's training.
-    method, method_config: a name of ``safelib.methods.METHODS`` and overrides of its config.
+    method, method_config: a name of ``safelib.methods.METHODS`` and its config: a dict of
+        overrides or the method's ``MethodConfig``; held as the full, typed ``MethodConfig``.
     train_views: augmented views cached per training image (Tip-Adapter's ``augment_epoch`` is 10).
     data_root, cache_dir, out_dir: where data, feature caches and run records live.
     device: "cpu", "cuda", "cuda:1", "mps".
@@ -52,7 +68,7 @@ class RunConfig:
     seed: int
     backbone: str = "miniclip"
     weights: str | None = "shipped"
-    method_config: Mapping[str, Any] = field(default_factory=dict)
+    method_config: MethodConfig | Mapping[str, Any] = field(default_factory=dict)
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
     train_views: int = 10
     data_root: str | None = None
@@ -62,11 +78,16 @@ class RunConfig:
     autocast_dtype: str | None = None
     batch_size: int = 64
     num_workers: int = 0
+    test_dataset: str | None = None
+    test_dataset_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-
-        _check(self.dataset in data.list_datasets(), "dataset",
-               f"unknown dataset {self.dataset!r}; registered: {', '.join(data.list_datasets())}")
+        registered = data.list_datasets()
+        _check(self.dataset in registered, "dataset",
+               f"unknown dataset {self.dataset!r}; registered: {', '.join(registered)}")
+        _check(self.test_dataset is None or self.test_dataset in registered, "test_dataset",
+               f"unknown dataset {self.test_dataset!r}; None (test on dataset's own test split) or one of: "
+               f"{', '.join(registered)}")
         _check(self.method in METHODS, "method", f"unknown method {self.method!r}; valid: {', '.join(sorted(METHODS))}")
         for name, low in (("shots", 1), ("seed", 0), ("train_views", 1), ("batch_size", 1), ("num_workers", 0)):
             value = getattr(self, name)
@@ -78,8 +99,8 @@ class RunConfig:
                f"must be a weights tag, a file path or None, got {self.weights!r}")
         for name in ("cache_dir", "out_dir"):
             _check(isinstance(getattr(self, name), (str, os.PathLike)), name, f"must be a path, got {getattr(self, name)!r}")
-        _check(self.autocast_dtype in (None, "float16", "bfloat16"), "autocast_dtype",
-               f"must be None, 'float16' or 'bfloat16', got {self.autocast_dtype!r}")
+        _check(self.autocast_dtype in AUTOCAST_DTYPES, "autocast_dtype",
+               f"must be one of {', '.join(map(repr, AUTOCAST_DTYPES))}, got {self.autocast_dtype!r}")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
@@ -87,35 +108,61 @@ class RunConfig:
                                  "use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
         if device.type == "cuda":
             _check(torch.cuda.is_available(), "device", f"{self.device!r} requested but CUDA is not available here; use 'cpu'")
-        _check(isinstance(self.method_config, Mapping), "method_config",
-               f"must be a dict of {self.method}'s options, got {type(self.method_config).__name__}")
-        _check(isinstance(self.dataset_options, Mapping), "dataset_options",
-               f"must be a dict, got {type(self.dataset_options).__name__}")
-        try:  # store the full, validated method config so the record shows every default too
-            full = method_config(self.method, dict(self.method_config)).to_dict()
+        _check(isinstance(self.method_config, (Mapping, MethodConfig)), "method_config",
+               f"must be a dict of {self.method}'s options or its MethodConfig, got {type(self.method_config).__name__}")
+        for name, dataset in (("dataset_options", self.dataset), ("test_dataset_options", self.test_dataset)):
+            options = getattr(self, name)
+            _check(isinstance(options, Mapping), name, f"must be a dict, got {type(options).__name__}")
+            _check(not options or dataset is None or data.dataset_spec(dataset).accepts_options, name,
+                   f"{dataset!r} takes no options (only generated and custom datasets do), got {dict(options)!r}")
+        _check(self.test_dataset is not None or not self.test_dataset_options, "test_dataset_options",
+               f"options of a test dataset need a test_dataset, got {dict(self.test_dataset_options)!r} "
+               "with test_dataset None")
+        try:  # the full, validated, typed config: the record shows every default too
+            typed = method_config(self.method, self.method_config)
         except (ValueError, TypeError) as error:
             raise RunConfigError(f"RunConfig.method_config: {error}") from None
-        object.__setattr__(self, "method_config", jsonable(full))
+        object.__setattr__(self, "method_config", typed)
         object.__setattr__(self, "dataset_options", jsonable(dict(self.dataset_options)))
+        object.__setattr__(self, "test_dataset_options", jsonable(dict(self.test_dataset_options)))
         object.__setattr__(self, "shots", int(self.shots))
         object.__setattr__(self, "seed", int(self.seed))
 
-    def to_dict(self) -> dict[str, Any]:
+    @functools.cached_property
+    def _plain(self) -> dict[str, Any]:
+        """Every field as plain JSON values, computed once (the config is frozen)."""
         return jsonable(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (the method config as a dict of all its fields): the record's ``config``."""
+        return copy.deepcopy(self._plain)
+
+    @functools.cached_property
+    def options_key(self) -> str:
+        """``dataset_options`` as canonical JSON: the feature cache's key field and the aggregation's column."""
+        return _canonical(self._plain["dataset_options"])
+
+    @functools.cached_property
+    def test_options_key(self) -> str:
+        """The test dataset's options as canonical JSON (``dataset_options`` when testing on ``dataset``)."""
+        return _canonical(self._plain["test_dataset_options"]) if self.test_dataset else self.options_key
+
+    @property
+    def test_on(self) -> str:
+        """The dataset whose test split is scored."""
+        return self.test_dataset or self.dataset
 
     @property
     def identity(self) -> str:
         """A short hash of what the run computes (not where files live): part of the record's name."""
-        fields = {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        return identity_of(self._plain)
 
     @property
-    def setting(self) -> str:
-        """A short hash of the method and model settings alone (not dataset, shots or seed): the
-        key under which aggregation averages seeds and datasets."""
-        skip = (*_NOT_IDENTITY, "dataset", "dataset_options", "shots", "seed")
-        fields = {k: v for k, v in self.to_dict().items() if k not in skip}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    def setting(self) -> dict[str, Any]:
+        """The method and run settings alone (not data, model, shots or seed), flattened to dotted
+        names, e.g. ``{"epochs": 30, "lr": 0.001, "train_views": 10, ...}``: what aggregation
+        tells settings of one method apart by."""
+        return setting_of(self._plain)
 
     def record_path(self) -> Path:
         weights = Path(str(self.weights)).stem if self.weights else "random"
@@ -130,6 +177,37 @@ class RunConfig:
         if unknown:
             raise RunConfigError(f"unknown RunConfig field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**values)
+
+
+def identity_of(plain: Mapping[str, Any]) -> str:
+    """The identity hash of a config's plain dict (``RunConfig.to_dict()`` or a record's ``config``)."""
+    fields = {k: v for k, v in plain.items()
+              if k not in _NOT_IDENTITY and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    if isinstance(fields.get("method_config"), Mapping):  # and the method configs' later fields (presets)
+        fields["method_config"] = without_later_fields(fields["method_config"])
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def setting_of(plain: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened method and run settings of a config's plain dict (see ``RunConfig.setting``)."""
+    skip = {*_NOT_IDENTITY, *_DATA_FIELDS, "method_config"}
+    flat = _flatten(without_later_fields(plain.get("method_config", {})))
+    flat.update({k: v for k, v in plain.items() if k not in skip})
+    return dict(sorted(flat.items()))
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _canonical(values: Any) -> str:
+    return json.dumps(values, sort_keys=True)
 
 
 def _check(ok: bool, name: str, message: str) -> None:

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import subprocess
@@ -98,6 +97,4 @@ def jsonable(value: Any) -> Any:
         return os.fspath(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return jsonable(dataclasses.asdict(value))
-    if isinstance(value, float) and not math.isfinite(value):
-        return value
-    return value
+    return value  # str, int, float (NaN and infinities too: records are written with allow_nan), bool, None

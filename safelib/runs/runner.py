@@ -5,6 +5,8 @@ the feature caches, fits the method on few-shot train + validation, predicts the
 writes the record: the config, package version and git commit, library versions, seed,
 sampled-ids file, validation and test accuracy, the hyperparameters chosen on validation, wall
 time per stage and peak memory. A run whose record exists is not redone (resume).
+``run(config, return_method=True)`` also hands back what was fitted (a ``FittedRun``), so a
+chapter draws its figures from the very run its record describes.
 """
 from __future__ import annotations
 
@@ -15,42 +17,91 @@ import platform
 import resource
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .config import RunConfig, RunConfigError
+from .aggregate import records_frame
+from .config import RunConfig, RunConfigError, identity_of
 from .records import RECORD_FORMAT, jsonable, provenance, read_record, write_record
 from .. import data
 from ..clip.models import load_clip
 from ..clip.text import zero_shot_classifier
-from ..data import get_dataset
+from ..data import ImageSet, SplitDataset, get_dataset
 from ..features.extract import cache_image_features
-from ..features.maps import place_maps
-from ..methods import METHODS, ClipHead, FewShotData, SplitFeatures, accuracy, make_method
+from ..methods import METHODS, ClipHead, FewShotData, FewShotMethod, MethodConfig, SplitFeatures, accuracy
+from ..methods.presets import resolve_preset, selection_of
 from ..perf.calibration import plan_for_maps
 
+# (name, data root, options as canonical JSON) -> the loaded dataset
+LoadDataset = Callable[[str, "str | None", str], SplitDataset]
 
-def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+
+@dataclass
+class FittedRun:
+    """What one run fitted and scored: the method, the features it saw, the images behind them.
+
+    ``splits``: "train" (as placed for training), "val" and "test" ``SplitFeatures``; the test
+    labels are in ``test_set``'s classes. ``test_classes``: the columns of the method's logits
+    that were scored (None: all; set when the test dataset holds a subset of the classes).
+    """
+
+    config: RunConfig
+    method: FewShotMethod
+    head: ClipHead
+    splits: dict[str, SplitFeatures]
+    train_set: ImageSet
+    val_set: ImageSet
+    test_set: ImageSet
+    test_classes: torch.Tensor | None = None
+
+    def test_logits(self) -> torch.Tensor:
+        """The scored test logits (restricted to the test dataset's classes)."""
+        return _scored(self.method.predict(self.splits["test"]), self.test_classes)
+
+
+def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progress: bool = False,
+        return_method: bool = False) -> dict[str, Any] | tuple[dict[str, Any], FittedRun]:
     """Run one method on one few-shot sample and write its record; an existing record is returned as is.
 
     ``clip`` may pass an already loaded model (a notebook's); it must be the config's backbone
-    and weights.
+    and weights. ``return_method=True`` returns ``(record, FittedRun)``; when the record exists
+    the method is fitted again (runs are deterministic) and the stored record is returned unchanged.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"run takes a RunConfig, got {type(config).__name__}")
     path = config.record_path()
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not return_method:
         return read_record(path)
+    record, fitted = _run(config, clip, progress, _load_dataset)
+    if path.exists() and not overwrite:
+        stored = read_record(path)
+        if stored["test_acc"] != record["test_acc"]:
+            warnings.warn(f"{path}: refitting gave test accuracy {record['test_acc']:.2f}, the record says "
+                          f"{stored['test_acc']:.2f} (another thread count or library version?); "
+                          "the record is kept: pass overwrite=True to replace it", stacklevel=2)
+        record = stored
+    else:
+        write_record(path, record)
+    return (record, fitted) if return_method else record
 
+
+def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) -> tuple[dict[str, Any], FittedRun]:
     stages = StageTimer(torch.device(config.device))
     with stages("load_model"):
         clip = _checked_clip(config, clip)
     with stages("sample"):
-        dataset = _dataset(config.dataset, config.data_root, json.dumps(config.dataset_options, sort_keys=True))
+        dataset = datasets(config.dataset, config.data_root, config.options_key)
+        test_data = dataset if config.test_dataset is None else datasets(config.test_dataset, config.data_root,
+                                                                          config.test_options_key)
+        test_classes = _test_classes(config, dataset, test_data)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", data.FewShotWarning)
             train_set, val_set = data.sample_few_shot(dataset, config.shots, config.seed)
@@ -60,39 +111,45 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
         )
     with stages("text_classifier"):
         classifier = _text_classifier(clip, dataset.classnames, dataset.templates)
-    method = make_method(config.method, dict(config.method_config))
-    kind = feature_kind(config.method)
+    # The preset needs the dataset and shots, which only the run knows (safelib.methods.presets).
+    resolved, preset = resolve_preset(config.method_config, config.dataset, config.shots, config.train_views)
+    method = METHODS[config.method](resolved)
+    if selection_of(preset) == "full_val":  # the reference's selection split, where there is one; never test
+        val_set = dataset.val if dataset.val is not None else val_set
+        preset["selection_used"] = "full_val" if dataset.val is not None else "few_shot_val (no val split)"
+    train_views = 0 if method.train_view == "eval" else config.train_views
+    kind = method.feature_kind
     with stages("features"):
+        train_key, test_key = (config.dataset, config.options_key), (config.test_on, config.test_options_key)
         splits = {
-            "train": _split_features(clip, config, train_set, "train", kind, config.train_views, progress),
-            "val": _split_features(clip, config, val_set, "val", kind, 0, progress),
-            "test": _split_features(clip, config, dataset.test, "test", kind, 0, progress),
+            "train": _split_features(clip, config, train_set, "train", kind, train_views, progress, train_key),
+            "val": _split_features(clip, config, val_set, "val", kind, 0, progress, train_key),
+            "test": _split_features(clip, config, test_data.test, "test", kind, 0, progress, test_key),
         }
     cache_plan = None
     if kind == "dense":
         with stages("plan_cache"):
             splits["train"], cache_plan = _placed_train_maps(splits["train"], method.config, config)
     head = ClipHead(classifier=classifier, logit_scale=clip.logit_scale, attnpool=clip.attnpool,
-                    classnames=tuple(dataset.classnames))
+                    classnames=tuple(dataset.classnames), clip=clip)
     with stages("fit"):
         method.fit(FewShotData(train=splits["train"], val=splits["val"], head=head, seed=config.seed))
     with stages("predict"):
         val_logits = method.predict(splits["val"])
-        test_logits = method.predict(splits["test"])
+        test_logits = _scored(method.predict(splits["test"]), test_classes)
 
+    plain = config.to_dict()  # the one place the config becomes plain values
     record = {
         "format": RECORD_FORMAT,
-        "config": config.to_dict(),
-        "identity": config.identity,
-        "setting": config.setting,
-        "dataset": config.dataset, "method": config.method, "backbone": config.backbone,
-        "weights": config.weights, "shots": config.shots, "seed": config.seed,
+        "config": plain,
+        "identity": identity_of(plain),
         "val_acc": accuracy(val_logits, splits["val"].labels),
         "test_acc": accuracy(test_logits, splits["test"].labels),
         "chosen": jsonable(method.chosen),
+        "preset": jsonable(preset),
         "num_classes": len(dataset.classnames),
-        "num_images": {"train": len(train_set), "val": len(val_set), "test": len(dataset.test)},
-        "sampled_ids": os.path.relpath(ids_file, path.parent),
+        "num_images": {"train": len(train_set), "val": len(val_set), "test": len(test_data.test)},
+        "sampled_ids": os.path.relpath(ids_file, config.record_path().parent),
         "sampling_warnings": [str(w.message) for w in caught if issubclass(w.category, data.FewShotWarning)],
         "cache_plan": cache_plan,
         "timings": stages.seconds,
@@ -102,33 +159,58 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
         "device_name": _device_name(torch.device(config.device)),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_record(path, record)
-    return record
+    if config.test_dataset is not None:
+        record["test_num_classes"] = len(test_data.classnames)
+    fitted = FittedRun(config=config, method=method, head=head, splits=splits, train_set=train_set,
+                       val_set=val_set, test_set=test_data.test, test_classes=test_classes)
+    return record, fitted
 
 
-def _placed_train_maps(train: Any, method_config: Any, config: RunConfig) -> tuple[Any, dict]:
-    """Put the train maps where the planner says (GPU, pinned RAM or streamed memmaps); return its plan.
+def _test_classes(config: RunConfig, dataset: SplitDataset, test_data: SplitDataset) -> torch.Tensor | None:
+    """For each test class, its column among ``dataset``'s classes; None when the lists are the same.
+
+    ImageNet-A and -R hold 200 of ImageNet's classes: their logits are restricted to those columns.
+    """
+    if test_data is dataset or tuple(test_data.classnames) == tuple(dataset.classnames):
+        return None
+    missing = [c for c in test_data.classnames if c not in dataset.classnames]
+    if missing:
+        raise RunConfigError(
+            f"RunConfig.test_dataset: {config.test_dataset!r} has {len(missing)} class(es) that {config.dataset!r} "
+            f"lacks (e.g. {missing[:3]}); a test dataset's classes must be among the training dataset's")
+    column = {name: k for k, name in enumerate(dataset.classnames)}
+    return torch.tensor([column[c] for c in test_data.classnames])
+
+
+def _scored(logits: torch.Tensor, test_classes: torch.Tensor | None) -> torch.Tensor:
+    return logits if test_classes is None else logits[:, test_classes.to(logits.device)]
+
+
+def _placed_train_maps(train: SplitFeatures, method_config: MethodConfig,
+                       config: RunConfig) -> tuple[SplitFeatures, dict]:
+    """The train split with its ``DenseMaps`` where the planner says (GPU, pinned RAM or streamed memmaps),
+    and the plan's record.
 
     The plan, with its predicted bytes and seconds per epoch from rates measured on this machine,
     goes into the record, so a run's speed can be checked against what was expected.
     """
-
-    training = getattr(method_config, "safe", method_config)  # SAFE-A nests SAFE's settings
+    training = method_config.safe_config  # SAFE's settings (SAFE-A nests them)
     plan = plan_for_maps(train.dense, config.device, batch_size=training.batch_size, epochs=training.epochs,
                          cache_dir=config.cache_dir)
-    placed = place_maps(train.dense, plan, config.device)
+    placed = train.dense.placed(plan.placement, config.device)
     return SplitFeatures(labels=train.labels, pooled=train.pooled, dense=placed), plan.as_record()
 
 
 def feature_kind(method: str) -> str:
     """What a method needs cached: dense maps if it pools them itself (SAFE, SAFE-A), else pooled features."""
-
-    return getattr(METHODS[method], "feature_kind", "pooled")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[method].feature_kind
 
 
 def _checked_clip(config: RunConfig, clip: Any) -> Any:
     if clip is None:
-        return _load_clip(config.backbone, config.weights, config.device)
+        return load_clip(config.backbone, config.weights, device=config.device)
     if clip.name != config.backbone or (clip.pretrained or None) != (config.weights or None):
         raise RunConfigError(
             f"RunConfig.backbone/weights: the clip passed in is {clip.name}/{clip.pretrained}, "
@@ -137,40 +219,35 @@ def _checked_clip(config: RunConfig, clip: Any) -> Any:
     return clip.to(config.device)
 
 
-@functools.lru_cache(maxsize=2)
-def _load_clip(backbone: str, weights: str | None, device: str) -> Any:
-
-    return load_clip(backbone, weights, device=device)
+def _load_dataset(name: str, root: str | None, options_key: str) -> SplitDataset:
+    return get_dataset(name, root, **json.loads(options_key))
 
 
-@functools.lru_cache(maxsize=4)
-def _dataset(name: str, root: str | None, options_json: str) -> Any:
-
-    return get_dataset(name, root, **json.loads(options_json))
+# Per-model memo: the text classifier of (class names, templates), dropped with the model.
+_CLASSIFIERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-_CLASSIFIERS: dict[tuple[int, tuple[str, ...], tuple[str, ...]], torch.Tensor] = {}
-
-
-def _text_classifier(clip: Any, classnames: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-
-    key = (id(clip.model), tuple(classnames), tuple(templates))
-    if key not in _CLASSIFIERS:
-        _CLASSIFIERS.clear()  # one model at a time: do not pin old models' weights
-        _CLASSIFIERS[key] = zero_shot_classifier(clip, classnames, templates)
-    return _CLASSIFIERS[key]
+def _text_classifier(clip: Any, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    per_model = _CLASSIFIERS.setdefault(clip.model, {})
+    key = (tuple(classnames), tuple(templates))
+    if key not in per_model:
+        per_model[key] = zero_shot_classifier(clip, classnames, templates)
+    return per_model[key]
 
 
 def _split_features(clip: Any, config: RunConfig, images: Any, split: str, kind: str, views: int,
-                    progress: bool) -> Any:
-    """The split's cached features (extracted on a miss) as a ``SplitFeatures`` over memmaps."""
+                    progress: bool, source: tuple[str, str]) -> SplitFeatures:
+    """The split's cached features (extracted on a miss) as a ``SplitFeatures`` over memmaps.
 
+    ``source``: (dataset name, options as canonical JSON) of the images: the cache key's fields.
+    """
+    name, options_key = source
     entry = cache_image_features(
         clip, images, config.cache_dir, split=split, kind=kind, views=views,
         # The eval transform draws nothing at random: seed 0 lets every seed's runs share the test cache.
         seed=config.seed if views else 0,
         batch_size=config.batch_size, num_workers=config.num_workers, autocast_dtype=config.autocast_dtype,
-        progress=progress, dataset=config.dataset, dataset_options=json.dumps(config.dataset_options, sort_keys=True),
+        progress=progress, dataset=name, dataset_options=options_key,
     )
     labels = torch.tensor(images.labels, dtype=torch.long)
     return SplitFeatures(labels=labels, **{kind: entry})
@@ -209,40 +286,87 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+MethodSettings = MethodConfig | Mapping[str, Any] | Sequence[MethodConfig | Mapping[str, Any]]
+
+
+class GridRecords(list):
+    """The records of a grid, in run order (a list of dicts), with the file each one is in.
+
+    ``paths[i]`` is ``self[i]``'s record file; ``fitted[i]`` its ``FittedRun`` when the grid was
+    asked for them; ``frame()`` is the ``load_records`` table of these records, without re-reading.
+    """
+
+    def __init__(self, records: list[dict[str, Any]], paths: list[Path], fitted: list[FittedRun] | None = None):
+        super().__init__(records)
+        self.paths = paths
+        self.fitted = fitted
+
+    def frame(self) -> pd.DataFrame:
+        return records_frame(zip(self, self.paths))
+
+
 def run_grid(
     dataset: str,
-    methods: list[str],
-    shots: list[int],
-    seeds: list[int],
+    methods: Sequence[str],
+    shots: Sequence[int],
+    seeds: Sequence[int],
     *,
+    method_configs: Mapping[str, MethodSettings] | None = None,
     progress: bool = True,
+    return_methods: bool = False,
+    clip: Any = None,
     **common: Any,
-) -> list[dict[str, Any]]:
-    """Every (seed, shots, method) run, skipping those with a record already; returns the records.
+) -> GridRecords:
+    """Every (seed, shots, method, setting) run, skipping those with a record already; returns the records.
 
-    Configs are all built (and so validated) before the first run starts.
+    ``method_configs`` maps a method name to its config (a dict of overrides or a ``MethodConfig``)
+    or to a list of them, one run per setting (e.g. SAFE with ``trainable`` "all" and "attention").
+    ``common`` holds the other ``RunConfig`` fields. Configs are all built (and so validated) and
+    the datasets' class lists checked before the first run starts; the model and each dataset are
+    loaded once for the whole grid. ``return_methods=True`` fits finished runs again too (see
+    ``run``) and keeps every ``FittedRun`` in the result's ``fitted``.
     """
-    overrides = common.pop("method_configs", {}) or {}
+    overrides = dict(method_configs or {})
     unknown = sorted(set(overrides) - set(methods))
     if unknown:
         raise RunConfigError(f"method_configs: {unknown} are not among the methods run ({', '.join(methods)}); "
                              "a misspelled name would silently run that method with its defaults")
     configs = [
-        RunConfig(dataset=dataset, method=m, shots=k, seed=s, method_config=overrides.get(m, {}), **common)
-        for s in seeds for k in shots for m in methods
+        RunConfig(dataset=dataset, method=m, shots=k, seed=s, method_config=setting, **common)
+        for s in seeds for k in shots for m in methods for setting in _settings(overrides.get(m))
     ]
-    records = []
-    bar = _progress(configs, progress)
+    datasets = functools.cache(_load_dataset)  # loaded once for the grid (a folder listing can be slow)
+    for config in {(c.dataset, c.options_key, c.test_on, c.test_options_key): c for c in configs}.values():
+        if config.test_dataset is not None:  # class lists checked before any run starts
+            _test_classes(config, datasets(config.dataset, config.data_root, config.options_key),
+                          datasets(config.test_dataset, config.data_root, config.test_options_key))
+    records, paths, fitted = [], [], []
+    bar = tqdm(configs, desc="runs", unit="run") if progress else configs
     for config in bar:
-        if hasattr(bar, "set_postfix_str"):
+        if progress:
             bar.set_postfix_str(f"{config.method} {config.shots}-shot seed {config.seed}")
-        records.append(run(config))
-    return records
+        path = config.record_path()
+        if path.exists() and not return_methods:
+            records.append(read_record(path))
+        else:
+            clip = clip if clip is not None else load_clip(config.backbone, config.weights, device=config.device)
+            record, fit = _run(config, clip, False, datasets)
+            if path.exists():
+                record = read_record(path)
+            else:
+                write_record(path, record)
+            records.append(record)
+            fitted.append(fit)
+        paths.append(path)
+    return GridRecords(records, paths, fitted if return_methods else None)
 
 
-def _progress(items: list, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc="runs", unit="run")
+def _settings(value: MethodSettings | None) -> list[MethodConfig | Mapping[str, Any]]:
+    if value is None:
+        return [{}]
+    if isinstance(value, (Mapping, MethodConfig)):
+        return [value]
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        return list(value)
+    raise RunConfigError(f"method_configs: each value must be a dict of options, a MethodConfig or a non-empty "
+                         f"list of them, got {value!r}")
