@@ -66,8 +66,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 CASES = [(name, scale) for name in MODELS for scale in (1.0, 30.0)]
 
 
+@pytest.fixture(params=attnpool_module.IMPLEMENTATIONS)
+def implementation(request, monkeypatch) -> str:
+    """Run the test under each implementation ("fused", "composed") as the module default."""
+    monkeypatch.setattr(attnpool_module, "POOLING", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("name,scale", CASES)
-def test_float64_fast_path_equals_open_clip(name: str, scale: float) -> None:
+def test_float64_fast_path_equals_open_clip(name: str, scale: float, implementation: str) -> None:
     pool = make_attnpool(name).double()
     dense = dense_maps(pool, 4, scale).double()
     truth = pool(dense)
@@ -76,7 +83,7 @@ def test_float64_fast_path_equals_open_clip(name: str, scale: float) -> None:
 
 
 @pytest.mark.parametrize("name,scale", CASES)
-def test_float32_error_at_most_3x_open_clips_own(name: str, scale: float) -> None:
+def test_float32_error_at_most_3x_open_clips_own(name: str, scale: float, implementation: str) -> None:
     pool = make_attnpool(name)
     dense = dense_maps(pool, 16, scale)  # 16 samples: one sample's rounding error is too noisy to compare
     truth = copy.deepcopy(pool).double()(dense.double())
@@ -94,7 +101,7 @@ def test_peaky_inputs_really_are_peaky() -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_attention_weights_match_open_clips_attention(name: str) -> None:
+def test_attention_weights_match_open_clips_attention(name: str, implementation: str) -> None:
     pool = make_attnpool(name).double()
     dense = dense_maps(pool, 3, 10.0).double()
     weights = attention_weights(pool, dense)
@@ -106,7 +113,7 @@ def test_attention_weights_match_open_clips_attention(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gradients_of_every_attnpool_tensor_agree(name: str) -> None:
+def test_gradients_of_every_attnpool_tensor_agree(name: str, implementation: str) -> None:
     ours_pool = make_attnpool(name).double()
     theirs_pool = copy.deepcopy(ours_pool)
     dense = dense_maps(ours_pool, 3, 10.0).double()
@@ -131,7 +138,7 @@ def test_gradients_of_every_attnpool_tensor_agree(name: str) -> None:
 @pytest.mark.parametrize(
     "dtype,tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2), (torch.float32, 1e-5), (torch.float64, 1e-12)]
 )
-def test_every_supported_dtype(dtype: torch.dtype, tolerance: float) -> None:
+def test_every_supported_dtype(dtype: torch.dtype, tolerance: float, implementation: str) -> None:
     pool = make_attnpool("RN50")
     dense = dense_maps(pool, 2, 1.0)
     truth = copy.deepcopy(pool).double()(dense.double())
@@ -169,15 +176,29 @@ def test_bad_shapes_are_refused() -> None:
 
 MUTATIONS = {
     "drop the mean token": (
-        "mean = x.mean(dim=-1)",
-        "mean = torch.zeros_like(x[..., 0])",
+        "mean = x.mean(dim=-1, keepdim=True)",
+        "mean = torch.zeros_like(x[..., :1])",
     ),
-    "wrong softmax scale": ("q0 * head_dim ** -0.5", "q0 * channels ** -0.5"),
-    "drop the value bias": (" + attnpool.v_proj.bias.view(heads, head_dim)", ""),
+    "wrong softmax scale": (
+        "scale = head_dim ** -0.5\n    q0 = torch.addmm(bq",
+        "scale = channels ** -0.5\n    q0 = torch.addmm(bq",
+    ),
+    "drop the value bias": ("reshape(n, channels) + bv", "reshape(n, channels)"),
     "wrong head split": (
-        "attnpool.k_proj.weight.view(heads, head_dim, channels)",
-        "attnpool.k_proj.weight.view(head_dim, heads, channels).transpose(0, 1)",
+        "return weight.view(heads, -1, weight.shape[-1])",
+        "return weight.view(-1, heads, weight.shape[-1]).transpose(0, 1)",
     ),
+}
+# Planted bugs in the fused backward: the forward stays right, the gradients must not agree.
+BACKWARD_MUTATIONS = {
+    "softmax backward not centred": (
+        "ds = attention * (da - (attention * da).sum(-1, keepdim=True))",
+        "ds = attention * da",
+    ),
+    "p_0 misses the query path": ("dpos[0] += dq_sum @ wq", "pass"),
+    "p misses the score path": ("dpos.addmm_(ds_hm.T, u.reshape(heads * m, channels))", "pass"),
+    "maps miss the mean token's share": ("dt0.unsqueeze(-1) / dx.shape[-1]", "0"),
+    "chunks restart at row 0": ("start = rows.stop", "start = 0"),
 }
 
 
@@ -195,7 +216,76 @@ def test_planted_bug_is_caught(bug: str) -> None:
     pool = make_attnpool("RN50").double()
     dense = dense_maps(pool, 3, 10.0).double()
     truth = pool(dense)
-    assert rel(mutant.attention_pool(pool, dense), truth) > 1e-6, bug
+    assert rel(mutant.attention_pool(pool, dense, implementation="fused"), truth) > 1e-6, bug
+
+
+def gradient_errors(attention_pool_fn, name: str = "RN50", n: int = 5) -> dict[str, float]:
+    """Relative error of every gradient (maps and attnpool tensors) against open_clip's autograd, float64."""
+    ours_pool = make_attnpool(name).double()
+    theirs_pool = copy.deepcopy(ours_pool)
+    dense = dense_maps(ours_pool, n, 10.0).double()
+    dense_ours, dense_theirs = dense.clone().requires_grad_(True), dense.clone().requires_grad_(True)
+    direction = torch.randn(n, ours_pool.c_proj.out_features, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(2))
+    (attention_pool_fn(ours_pool, dense_ours) * direction).sum().backward()
+    (theirs_pool(dense_theirs) * direction).sum().backward()
+    theirs = dict(theirs_pool.named_parameters())
+    errors = {"dense": rel(dense_ours.grad, dense_theirs.grad)}
+    errors.update({key: rel(p.grad, theirs[key].grad) for key, p in ours_pool.named_parameters()
+                   if key != "k_proj.bias"})
+    return errors
+
+
+@pytest.mark.parametrize("bug", BACKWARD_MUTATIONS)
+def test_planted_backward_bug_is_caught(bug: str, monkeypatch) -> None:
+    # small chunks, so that 5 samples span 3 chunks and the chunk bookkeeping is exercised
+    chunk = 2 * 2048 * 50 * 8
+    monkeypatch.setattr(attnpool_module, "CHUNK_BYTES", chunk)
+    assert max(gradient_errors(lambda p, x: attention_pool(p, x, implementation="fused")).values()) < 1e-10
+    mutant = mutated_module(*BACKWARD_MUTATIONS[bug])
+    mutant.CHUNK_BYTES = chunk
+    errors = gradient_errors(lambda p, x: mutant.attention_pool(p, x, implementation="fused"))
+    assert max(errors.values()) > 1e-6, (bug, errors)
+
+
+def test_fused_gradients_hold_across_chunks(monkeypatch) -> None:
+    """A batch split into several chunks gives the gradients of one chunk (and of open_clip)."""
+    whole = gradient_errors(lambda p, x: attention_pool(p, x, implementation="fused"))
+    monkeypatch.setattr(attnpool_module, "CHUNK_BYTES", 2 * 2048 * 50 * 8)  # 2 samples per chunk in float64
+    assert len(attnpool_module._chunks(5, 2048, 50, 8)) == 3
+    split = gradient_errors(lambda p, x: attention_pool(p, x, implementation="fused"))
+    assert max(whole.values()) < 1e-10 and max(split.values()) < 1e-10, (whole, split)
+
+
+@pytest.mark.parametrize("trainable", ["values", "attention"])
+def test_fused_gradients_of_a_trainable_subset(trainable: str) -> None:
+    """SAFE trains subsets: the tensors that need a gradient get open_clip's, the others none."""
+    from safelib.methods.safe import TRAINABLE_SETS
+
+    ours_pool = make_attnpool("RN50").double()
+    theirs_pool = copy.deepcopy(ours_pool)
+    for key, p in ours_pool.named_parameters():
+        p.requires_grad_(key.split(".")[0] in TRAINABLE_SETS[trainable])
+    dense = dense_maps(ours_pool, 3, 10.0).double()
+    direction = torch.randn(3, ours_pool.c_proj.out_features, dtype=torch.float64)
+    (attention_pool(ours_pool, dense, implementation="fused") * direction).sum().backward()
+    (theirs_pool(dense) * direction).sum().backward()
+    theirs = dict(theirs_pool.named_parameters())
+    for key, p in ours_pool.named_parameters():
+        if not p.requires_grad or key == "k_proj.bias":
+            assert p.grad is None or key == "k_proj.bias", key
+            continue
+        assert rel(p.grad, theirs[key].grad) < 1e-10, key
+
+
+def test_implementations_agree_and_unknown_is_refused() -> None:
+    pool = make_attnpool("RN50").double()
+    dense = dense_maps(pool, 3, 10.0).double()
+    fused = attention_pool(pool, dense, implementation="fused")
+    composed = attention_pool(pool, dense, implementation="composed")
+    assert rel(fused, composed) < 1e-12
+    with pytest.raises(ValueError, match="implementation='cuda'; valid: fused, composed"):
+        attention_pool(pool, dense, implementation="cuda")
 
 
 def test_half_precision_maps_pool_with_a_float32_layer() -> None:
@@ -203,3 +293,23 @@ def test_half_precision_maps_pool_with_a_float32_layer() -> None:
     pool = make_attnpool("RN50")
     dense = dense_maps(pool, 2, 1.0).half()
     torch.testing.assert_close(attention_pool(pool, dense), attention_pool(pool, dense.float()))
+
+
+# ---------------------------------------------------------------- spatial attention (what the book draws and measures)
+
+
+def test_spatial_attention_averages_heads_drops_the_mean_token_and_renormalises() -> None:
+    from safelib.clip.attnpool import grid_side, spatial_attention
+
+    attention = torch.rand(3, 4, 1 + 9).softmax(-1)
+    spatial = spatial_attention(attention)
+    assert spatial.shape == (3, 9) and spatial.dtype == torch.float32
+    by_hand = [[sum(float(attention[n, h, 1 + i]) for h in range(4)) / 4 for i in range(9)] for n in range(3)]
+    by_hand = torch.tensor([[a / sum(row) for a in row] for row in by_hand])
+    torch.testing.assert_close(spatial, by_hand)
+    torch.testing.assert_close(spatial_attention(attention.half()), spatial, rtol=2e-3, atol=1e-3)  # float32 out
+    assert grid_side(1 + 9) == 3
+    with pytest.raises(ValueError, match="not a square grid"):
+        grid_side(1 + 8)
+    with pytest.raises(ValueError, match="N x heads"):
+        spatial_attention(torch.rand(2, 10))

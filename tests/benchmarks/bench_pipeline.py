@@ -168,12 +168,18 @@ def synthetic_cache(root: str, images: int, views: int, shape: tuple[int, int, i
 
 
 def safe_epoch_seconds(attnpool, maps, labels, text, batch: int, epochs: int,
-                       open_clip_pool: bool = False) -> tuple[float, float]:
-    """(wall, CPU) seconds per epoch of ``train_safe`` (CPU time: all threads, the reader's too)."""
-    config = SafeConfig(epochs=epochs, batch_size=batch, lr=1e-5)
+                       open_clip_pool: bool = False, pooling: str | None = None,
+                       feature_augment: str = "none") -> tuple[float, float]:
+    """(wall, CPU) seconds per epoch of ``train_safe`` (CPU time: all threads, the reader's too).
+
+    pooling: safelib's implementation ("fused", "composed"; None: the module default);
+    feature_augment: SafeConfig's option (views drawn from the maps while training)."""
+    config = SafeConfig(epochs=epochs, batch_size=batch, lr=1e-5, feature_augment=feature_augment)
     original = safe_module.attention_pool
     if open_clip_pool:  # same trainer, pooling swapped for open_clip's full self-attention forward
         safe_module.attention_pool = lambda pool, x: pool(x)
+    elif pooling is not None:
+        safe_module.attention_pool = lambda pool, x: original(pool, x, implementation=pooling)
     try:
         cpu = time.process_time()
         result = train_safe(attnpool, maps, labels, text, 100.0, config, seed=1)
@@ -214,7 +220,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=int, default=None, help="divide 16,000 images by this (CPU default 100)")
     parser.add_argument("--batch", type=int, default=32, help="SAFE batch size")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of the whole-run estimate")
+    parser.add_argument("--epochs", type=int, default=SafeConfig().epochs, help="epochs of the whole-run estimate "
+                        "(SAFE's default)")
     parser.add_argument("--measure-epochs", type=int, default=2, help="SAFE epochs run per measurement")
     parser.add_argument("--decode-images", type=int, default=16)
     parser.add_argument("--trunk-batch", type=int, default=None)
@@ -322,7 +329,33 @@ def main() -> None:
             print(f"\nSAFE epoch ({plan.placement} placement), same trainer: open_clip pooling {both(slow)} s, "
                   f"fast path {both(ours)} s -> {slow[0] / ours[0]:.1f}x"
                   + (f" ({slow[1] / ours[1]:.1f}x CPU)" if cpu_clock else ""))
+        # the same epoch with the fused pooling, and with feature-space augmentation drawn from the maps
+        variants = {"fused": safe_epoch_seconds(attnpool, place_maps(entry, plan, device), labels, text,
+                                                args.batch, args.measure_epochs, pooling="fused"),
+                    "fused + flip+crop": safe_epoch_seconds(attnpool, place_maps(entry, plan, device), labels, text,
+                                                            args.batch, args.measure_epochs, pooling="fused",
+                                                            feature_augment="flip+crop")}
+        print(f"SAFE epoch ({plan.placement}): default pooling {both(ours)} s; "
+              + "; ".join(f"{name} {both(pair)} s" for name, pair in variants.items()))
+        print(f"load average (1 min) after the epoch variants: {os.getloadavg()[0]:.1f}")
         del entry
+
+    # 5b. whole run per number of image views K, and with feature-space augmentation (one trunk pass)
+    print(f"\n## 5b. whole SAFE run / one trunk pass over the same {images} images, per image views K "
+          f"({best}, {args.epochs} epochs; decode once, K views cut per image)")
+    print(f"{'clock':<6}{'setting':<34}{'decode s':>9}{'trunk s':>9}{'epochs s':>9}{'total s':>9}{'/ floor':>8}")
+    for k, name in enumerate(clocks):
+        per_view = max(1 / once[k] - 1 / decode["decode"][k], 0.0) / VIEWS     # crop + resize + normalise
+        floor = images / decode["eval_view"][k] + images / trunk[best][k]
+        rows = [(f"K={views} image views, default pooling", views, ours[k]) for views in (1, 4, 10)]
+        rows += [(f"K={views} image views, fused pooling", views, variants["fused"][k]) for views in (1, 4, 10)]
+        rows.append(("K=1 + flip+crop maps, fused pooling", 1, variants["fused + flip+crop"][k]))
+        for label, views, epoch_s in rows:
+            decode_s = images * (1 / decode["decode"][k] + views * per_view)
+            trunk_s = images * views / trunk[best][k]
+            total = decode_s + trunk_s + args.epochs * epoch_s
+            print(f"{name:<6}{label:<34}{decode_s:>9.1f}{trunk_s:>9.1f}{args.epochs * epoch_s:>9.1f}"
+                  f"{total:>9.1f}{total / floor:>7.1f}x")
 
     # 5. whole run over the floor
     print(f"\n## 5. whole SAFE run vs the floor: one trunk pass over the same {images} images ({best}, "

@@ -68,7 +68,7 @@ def main() -> None:
         writer.write(dense[None])
         entry = writer.finish()
         cached_ram = train_safe(clip.attnpool, dense[None], labels, text, clip.logit_scale, config).seconds
-        cached_memmap = train_safe(clip.attnpool, entry.views, labels, text, clip.logit_scale, config).seconds
+        cached_memmap = train_safe(clip.attnpool, entry.view_arrays, labels, text, clip.logit_scale, config).seconds
     trunk_fast = epoch_through_trunk(clip, images, labels, text, args.batch, fast=True)
     trunk_open_clip = epoch_through_trunk(clip, images, labels, text, args.batch, fast=False)
 
