@@ -10,8 +10,8 @@ views are drawn from the dense map B x C x H x W itself, batch by batch while SA
     flip+crop   a crop, then a flip
 
 Neither is what the trunk would compute on a flipped or cropped image (its convolutions and
-padding are not mirror- or crop-equivariant), so this is a cheaper, different augmentation; the
-book's performance chapter measures it against K image views. Pure tensor functions: every draw
+padding are not mirror- or crop-equivariant), so this is a cheaper, different augmentation;
+tests/benchmarks/RESULTS.md measures it against K image views (accuracy and time). Pure tensor functions: every draw
 comes from the ``torch.Generator`` passed in (a CPU one), so a seed fixes the views exactly.
 """
 from __future__ import annotations
