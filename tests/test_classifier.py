@@ -72,7 +72,7 @@ def test_bad_files_are_refused(clip, tmp_path):
     with pytest.raises(FileNotFoundError):
         SafeClassifier.load(tmp_path / "missing.safetensors", clip)
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
+    with pytest.raises(ValueError, match="junk.safetensors is not a valid safetensors file"):
         SafeClassifier.load(tmp_path / "junk.safetensors", clip)
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="not a SafeClassifier file"):

@@ -87,14 +87,14 @@ def test_imagenet_rule_validation_from_unused_train_never_test():
 
 
 def test_short_classes_are_sampled_with_replacement_and_warn():
-    with pytest.warns(D.FewShotWarning, match="only 3 images for 8 shots"):
+    with pytest.warns(D.FewShotWarning, match="has only 3 images but 8 shots per class were asked for"):
         train, _ = D.sample_few_shot(make_dataset(train=(3, 20, 20)), 8, seed=1)
     assert train.class_counts() == (8, 8, 8)
     assert len(set(train.ids[:8])) <= 3
 
 
 def test_imagenet_rule_with_too_few_left_warns_and_uses_what_is_left():
-    with pytest.warns(D.FewShotWarning, match="only 1 images left for 4 validation shots"):
+    with pytest.warns(D.FewShotWarning, match="has only 1 images left .* but 4 validation images per class"):
         train, val = D.sample_few_shot(make_set((5, 20)), 4, seed=1)
     assert val.class_counts() == (1, 4) and not set(train.ids) & set(val.ids)
 

@@ -178,7 +178,7 @@ def test_pinned_needs_cuda(small_task):
 
 # ------------------------------------------------------------------ calibration
 def test_calibration_measures_positive_rates_and_plans_with_them(tmp_path):
-    rates = calibrate("cpu", map_shape=(64, 2, 2), batch_size=8, cache_dir=tmp_path, sample_bytes=2e5, repeats=1)
+    rates = calibrate("cpu", map_shape=(64, 2, 2), batch_size=8, temp_dir=tmp_path, sample_bytes=2e5, repeats=1)
     assert rates.source.startswith("measured by calibrate() on cpu")
     assert rates.map_s > 0 and rates.step_s >= 0
     assert all(v > 0 and math.isfinite(v) for v in rates.gather_Bps.values())

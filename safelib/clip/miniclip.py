@@ -10,16 +10,19 @@ It is the offline default model: ``load_clip("miniclip")`` calls ``build_minicli
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import open_clip
+import torch
 from open_clip.factory import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
 @dataclass(frozen=True)
 class MiniClipConfig:
@@ -87,8 +90,8 @@ def clip_from_config(model_cfg: dict) -> open_clip.model.CLIP:
 CHECKPOINT: Path = Path(__file__).resolve().parent.parent / "assets" / "miniclip.safetensors"
 META_KEY = "open_clip_config"
 
-__all__ = ["CHECKPOINT", "MiniClipConfig", "build_miniclip", "clip_from_config", "get_tokenizer", "read_metadata",
-           "record_preprocess_cfg"]
+__all__ = ["CHECKPOINT", "MiniClipConfig", "build_miniclip", "clip_from_config", "get_tokenizer", "load_weights_file",
+           "read_metadata", "read_safetensors", "record_preprocess_cfg"]
 
 
 def record_preprocess_cfg(model: open_clip.model.CLIP) -> None:
@@ -101,13 +104,57 @@ def record_preprocess_cfg(model: open_clip.model.CLIP) -> None:
         set_model_preprocess_cfg(model, asdict(PreprocessCfg(size=model.visual.image_size)))
 
 
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator:
+    """``safe_open`` whose errors name the file: safetensors' own ("header too large") do not."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file ({err}); it is damaged, truncated or another "
+                         "format: save or download it again") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the raw metadata of a safetensors file; a damaged file is a ``ValueError`` naming it."""
+    with _opened(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a mini-CLIP safetensors file (model config, pretraining summary)."""
-    with safe_open(str(path), framework="pt") as f:
+    with _opened(path) as f:
         meta = f.metadata() or {}
     if META_KEY not in meta:
         raise ValueError(f"{path} has no {META_KEY!r} metadata; is it a mini-CLIP checkpoint from safelib.experiments.miniclip_pretrain?")
-    return {k: json.loads(v) for k, v in meta.items()}
+    try:
+        return {k: json.loads(v) for k, v in meta.items()}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its metadata is not JSON ({err}); the file was edited or damaged") from None
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike, what: str) -> dict[str, str]:
+    """Load a safetensors state dict into ``model`` (``what`` names it in errors); returns the file's metadata.
+
+    Weights of another architecture are refused up front, naming the file and the first tensors that
+    differ, instead of an ``AssertionError`` or a size-mismatch ``RuntimeError`` from deep inside.
+    BatchNorm's step counters may be left out of the file (unused in eval mode).
+    """
+    tensors, metadata = read_safetensors(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    missing = [k for k in expected if k not in found and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in found if k not in expected]
+    resized = [f"{k} {found[k]} (the model has {expected[k]})" for k in found
+               if k in expected and found[k] != expected[k]]
+    if missing or unexpected or resized:
+        differences = [f"{label} {items[:3]}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+                       for label, items in (("missing", missing), ("unexpected", unexpected), ("other shapes", resized))
+                       if items]
+        raise ValueError(f"{path} holds weights of another architecture than {what}: {'; '.join(differences)}. "
+                         "Load it with the model it was saved from")
+    model.load_state_dict(tensors, strict=False)  # copies into the model's own dtype (float32)
+    return metadata
 
 
 def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_clip.model.CLIP:
@@ -118,13 +165,13 @@ def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_cli
             f"mini-CLIP checkpoint {path} not found; the shipped one is {CHECKPOINT}, "
             "or train one with `python -m safelib.experiments.miniclip_pretrain`"
         )
-    model = clip_from_config(read_metadata(path)[META_KEY])
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Only BatchNorm's integer step counters are left out of the file (unused in eval mode).
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    config = read_metadata(path)[META_KEY]
+    try:
+        model = clip_from_config(config)
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
+        raise ValueError(f"{path}: its {META_KEY!r} metadata does not describe a mini-CLIP ({type(err).__name__}: "
+                         f"{err}); the file was edited or is not a mini-CLIP checkpoint") from None
+    load_weights_file(model, path, "the mini-CLIP its metadata describes")
     record_preprocess_cfg(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,7 +5,8 @@ offline sets, generated ones) and comes back from :func:`get_dataset` as train/v
 :class:`ImageSet` s. ``python -m safelib.data`` prints the registry and what is missing.
 """
 from .benchmarks import adopt_torchvision, imagenet_names, register_benchmarks
-from .imageset import FolderReader, ImageSet
+from .fingerprint import image_files_digest
+from .imageset import FolderReader, ImageSet, check_confined
 from .loading import ImageViews, ViewBatch, ViewSpec, collate_views, view_loader, view_seed
 from .miniworld_tasks import TargetTask, has_targets, register_miniworld
 from .offline import fixed_split, register_offline
@@ -13,6 +14,7 @@ from .registry import (
     DatasetMissingError,
     DatasetSpec,
     SplitDataset,
+    check_dataset_options,
     data_root,
     dataset_spec,
     get_dataset,
@@ -32,8 +34,8 @@ register_miniworld()  # the generated mini-world tasks: always present
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_TEMPLATES", "TEMPLATES", "TargetTask", "DatasetMissingError", "DatasetSpec", "FewShotWarning", "FolderReader", "ImageSet",
     "ImageViews", "SplitDataset", "SplitFormatError", "ViewBatch", "ViewSpec", "adopt_torchvision",
-    "clean_classname", "collate_views", "data_root", "dataset_spec", "eval_transform", "few_shot_filename",
-    "fixed_split", "get_dataset", "has_targets", "imagenet_names", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
+    "check_confined", "check_dataset_options", "clean_classname", "collate_views", "data_root", "dataset_spec", "eval_transform", "few_shot_filename",
+    "fixed_split", "get_dataset", "has_targets", "image_files_digest", "imagenet_names", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
     "read_fgvc_aircraft", "register", "sample_few_shot", "save_few_shot", "train_transform", "unregister",
     "view_loader", "view_seed",
 ]

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..atomic import atomic_write_bytes, atomic_write_json
 from .benchmarks import imagenet_names
-from .imageset import ImageSet
+from .imageset import ImageSet, check_confined
 from .splits import IMAGE_SUFFIXES
 
 INDEX_VERSION = 1
@@ -82,7 +82,10 @@ def index_train_archive(archive: str | os.PathLike, index_path: str | os.PathLik
     if index_path is not None and Path(index_path).is_file():
         saved = json.loads(Path(index_path).read_text())
         if saved.get("version") == INDEX_VERSION and saved.get("archive_bytes") == size:
-            return ArchiveIndex(str(archive), size, {k: tuple(v) for k, v in saved["members"].items()})
+            # ids become paths in extract_images: a tampered index must not write outside its folder
+            members = {check_confined(k, f"ImageNet index {index_path}"): tuple(v)
+                       for k, v in saved["members"].items()}
+            return ArchiveIndex(str(archive), size, members)
     index = ArchiveIndex(str(archive), size, _index_tar(archive))
     if index_path is not None:
         atomic_write_json(index_path, index.to_json(), indent=None)
@@ -149,7 +152,7 @@ def extract_images(index: ArchiveIndex, sets: Iterable[ImageSet | Iterable[str]]
     reader = ArchiveReader(index.archive, index.members)
     paths = []
     for image_id in sorted(wanted, key=lambda i: index.members[i][0]):
-        path = dest / image_id
+        path = dest / check_confined(image_id, f"index of {index.archive}")
         paths.append(path)
         if path.is_file() and path.stat().st_size == index.members[image_id][1]:
             continue

@@ -13,9 +13,14 @@ task's seed, so an `ImageSet` costs nothing to build and pickles for worker proc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -67,8 +72,10 @@ class TargetTask:
         mw.get_style(self.style)
         if self.test_style is not None:
             mw.get_style(self.test_style)
-        if self.image_size % 32:
-            raise ValueError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (numpy's generators take no negative seed), got {self.seed}")
 
     @property
     def classnames(self) -> tuple[str, ...]:
@@ -174,6 +181,55 @@ def has_targets(images: ImageSet) -> bool:
 # ----------------------------------------------------------------------------- registry
 
 
+_BY_NAME = ("attribute", "target")  # fixed by the registered name, e.g. miniworld_shape_largest
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON-like value has the type a ``TargetTask`` field declares (lists stand for tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_fits, value, args))
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _in_words(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_in_words(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} {args[0].__name__}s"
+    if hint is type(None):
+        return "null"
+    return f"{'an' if hint.__name__[0] in 'aeiou' else 'a'} {hint.__name__}"
+
+
+def check_task_options(attribute: str, target: str, options: Mapping[str, Any]) -> None:
+    """Options of a registered task (``TargetTask``'s fields but attribute and target, which its name
+    fixes): a ``ValueError`` naming the option, the value and what is allowed, before any image exists."""
+    name = TargetTask(attribute=attribute, target=target).name
+    hints = typing.get_type_hints(TargetTask)
+    allowed = {f.name: hints[f.name] for f in fields(TargetTask) if f.name not in _BY_NAME}
+    for key, value in options.items():
+        if key not in allowed:
+            why = f" ({key} is fixed by the dataset's name)" if key in _BY_NAME else ""
+            valid = "; ".join(f"{k}: {_in_words(t)}" for k, t in allowed.items())
+            raise ValueError(f"unknown option {key!r} (= {value!r}) for dataset {name!r}{why}; valid options "
+                             f"(TargetTask's fields) are {valid}")
+        if not _fits(value, allowed[key]):
+            raise ValueError(f"option {key!r} of dataset {name!r} must be {_in_words(allowed[key])}, got "
+                             f"{type(value).__name__} {value!r}")
+    try:
+        TargetTask(attribute=attribute, target=target, **options)
+    except ValueError as err:
+        raise ValueError(f"options {dict(options)!r} of dataset {name!r}: {err}") from None
+
+
 def _builder(attribute: str, target: str):
     def build(_dataset_dir=None, **options) -> tuple[ImageSet, ImageSet, ImageSet]:
         return task_splits(TargetTask(attribute=attribute, target=target, **options))
@@ -191,6 +247,7 @@ def register_miniworld(overwrite: bool = True) -> list[str]:
                 title=f"mini-world: {attribute} of the {target} object among distractors",
                 templates=TEMPLATES[attribute],
                 how_to_get="generated in memory from a seed; always present (options: see TargetTask)",
+                check_options=functools.partial(check_task_options, attribute, target),
             )
             names.append(task.name)
     return names

@@ -7,8 +7,9 @@ its (train, val, test) image sets, and what to tell a reader whose copy is missi
 """
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class DatasetSpec:
     (installed packages, generated sets); ``required`` lists paths inside it that must exist.
     ``missing(dataset_dir)``, when given, replaces the ``required`` check and returns what is
     missing, in words. ``templates`` None means ``safelib.data.templates.TEMPLATES[name]``.
+    ``check_options(options)``, when given, raises ``ValueError`` for options ``build`` would not
+    take (see :func:`check_dataset_options`).
     """
 
     name: str
@@ -46,6 +49,7 @@ class DatasetSpec:
     templates: tuple[str, ...] | None = None
     download: Callable[[Path], None] | None = field(default=None, repr=False)
     missing: Callable[[Path], list[str]] | None = field(default=None, repr=False)
+    check_options: Callable[[Mapping[str, Any]], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum() or self.name != self.name.lower():
@@ -182,6 +186,34 @@ def missing_message(spec: DatasetSpec, root: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def check_dataset_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the option, its value and what is allowed, before any work is done.
+
+    Bad options otherwise surface as a ``TypeError`` deep inside a build function, after a model
+    was loaded. A spec's ``check_options`` checks names, types and values (the mini-world's
+    ``TargetTask`` fields); otherwise the build function's parameters bound the names, and a
+    dataset whose build takes only its folder (the benchmarks) takes no options at all.
+    """
+    spec = dataset_spec(name)
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options of dataset {name!r} must be a dict of option -> value, got "
+                         f"{type(options).__name__} {options!r}")
+    if spec.check_options is not None:
+        spec.check_options(options)
+        return
+    parameters = list(inspect.signature(spec.build).parameters.values())[1:]  # the first is dataset_dir
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return  # the build function takes anything: only it can tell
+    allowed = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in allowed]
+    if unknown and not allowed:
+        raise ValueError(f"dataset {name!r} takes no options, got {dict(options)!r}; options are for generated "
+                         f"datasets such as {', '.join(list_datasets('generated')) or 'the mini-world tasks'}")
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} (= {options[unknown[0]]!r}) for dataset {name!r}; "
+                         f"its options are: {', '.join(allowed)}")
+
+
 def get_dataset(name: str, root: str | Path | None = None, *, download: bool = False,
                 **options: Any) -> SplitDataset:
     """Load a registered dataset's splits; ``options`` go to its build function (generated sets).
@@ -190,6 +222,7 @@ def get_dataset(name: str, root: str | Path | None = None, *, download: bool = F
     ``download=True`` the entry's download step (torchvision, where it works) runs first.
     """
     spec = dataset_spec(name)
+    check_dataset_options(name, options)
     if download and not spec.is_present(root):
         if spec.download is None:
             raise DatasetMissingError(missing_message(spec, root) + f"\n{name!r} has no automatic download.")

@@ -39,13 +39,15 @@ def _draw(pool: tuple[int, ...], k: int, rng: np.random.Generator, replace_if_sh
     if len(pool) >= k:
         picks = rng.choice(len(pool), size=k, replace=False)
     elif replace_if_short and pool:
-        warnings.warn(f"{what}: only {len(pool)} images for {k} shots; sampling with replacement "
-                      "(as Tip-Adapter does)", FewShotWarning, stacklevel=3)
+        warnings.warn(f"{what} has only {len(pool)} images but {k} shots per class were asked for: drawing {k} "
+                      "with replacement (as Tip-Adapter does), so its shots repeat images", FewShotWarning,
+                      stacklevel=3)
         picks = rng.choice(len(pool), size=k, replace=True)
     else:
         if len(pool) < k:
-            warnings.warn(f"{what}: only {len(pool)} images left for {k} validation shots; using "
-                          f"{len(pool)}", FewShotWarning, stacklevel=3)
+            warnings.warn(f"{what} has only {len(pool)} images left (not drawn as shots) but {k} validation "
+                          f"images per class were asked for: using those {len(pool)}", FewShotWarning,
+                          stacklevel=3)
         picks = np.arange(len(pool))
     return [pool[int(p)] for p in sorted(picks)]
 

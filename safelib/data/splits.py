@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .imageset import FolderReader, ImageSet
+from .imageset import FolderReader, ImageSet, check_confined
 
 Splits = tuple[ImageSet | None, ImageSet | None, ImageSet]  # (train, val, test); None = no such split
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -62,6 +62,7 @@ def read_coop_split(split_file: Path, image_dir: Path, name: str = "") -> Splits
                 raise SplitFormatError(f"{split_file} [{part!r}]: each entry must be [path, label, classname], "
                                        f"got {row!r}")
             path, label, classname = str(row[0]), int(row[1]), clean_classname(str(row[2]))
+            check_confined(path, f"{split_file} [{part!r}]", SplitFormatError)
             if names.setdefault(label, classname) != classname:
                 raise SplitFormatError(f"{split_file}: label {label} is called both {names[label]!r} and "
                                        f"{classname!r}")

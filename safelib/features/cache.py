@@ -21,6 +21,7 @@ last checksummed chunk of an interrupted write, or starts over when nothing ther
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -49,11 +50,24 @@ CHUNK_BYTES = 64 * 2**20  # checksum granularity: small enough to resume often, 
 
 
 class CacheError(RuntimeError):
-    """A cache entry that must not be used; ``reason`` is one of incomplete, corrupt, mismatch."""
+    """A cache entry that must not be used; ``reason`` is one of missing, incomplete, corrupt, mismatch."""
 
     def __init__(self, path: Path, reason: str, detail: str):
         super().__init__(f"cache entry {path} is {reason}: {detail}")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.detail = path, reason, detail
+
+
+def _unbuildable(path: Path, fields: Mapping[str, Any], error: OSError) -> CacheError:
+    """The two facts a user needs when an entry must be (re)built where nothing may be written:
+    what is wrong with the entry, and that its folder is read-only (not a bare PermissionError)."""
+    try:
+        open_entry(path, fields, "full")
+        reason, detail = "incomplete", "another process may be writing it"
+    except CacheError as bad:
+        reason, detail = ("missing", "there is no such entry") if not path.exists() else (bad.reason, bad.detail)
+    where = "is read-only" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "cannot be changed"
+    return CacheError(path, reason, f"{detail}. It must be (re)built, but the cache folder {where} ({error}). Make "
+                                    "it writable, or point cache_dir at a writable copy of the cache")
 
 
 def _canonical(fields: Mapping[str, Any]) -> dict:
@@ -216,8 +230,12 @@ def entry_lock(root: str | os.PathLike, fields: Mapping[str, Any]) -> Iterator[N
     An OS file lock (``flock``): the kernel drops it when its holder dies, so a killed build
     never leaves a stale lock. Where ``fcntl`` is missing (Windows) this does nothing.
     """
-    Path(root).mkdir(parents=True, exist_ok=True)
-    with open(Path(root) / f"{cache_key(fields)}.lock", "a") as handle:
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(root) / f"{cache_key(fields)}.lock", "a")
+    except PermissionError as err:
+        raise _unbuildable(Path(root) / cache_key(fields), fields, err) from err
+    with handle:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -283,8 +301,12 @@ class CacheWriter:
                 return int(progress["rows"])
         except (OSError, ValueError, KeyError, CacheError):
             pass
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
+        try:  # no ignore_errors: a read-only folder must say so, not fail later on mkdir
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+        except OSError as err:
+            raise _unbuildable(self.path, self.fields, err) from err
         _atomic_write_json(self.path / MANIFEST, self.manifest)
         shape = (self.manifest["rows"], *self.manifest["item_shape"])
         self._views = [np.lib.format.open_memmap(self.path / n, mode="w+", dtype=self.manifest["dtype"],

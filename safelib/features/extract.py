@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
@@ -20,10 +21,11 @@ from tqdm.auto import tqdm
 
 from ..clip.attnpool import attention_pool
 from ..clip.models import ClipModel, module_digest
-from ..data import ImageSet, ImageViews, ViewSpec, collate_views
+from ..data import ImageSet, ImageViews, ViewSpec, collate_views, image_files_digest
 from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
+IMAGE_DIGESTS = "image-digests"  # the folder under a cache root holding image_files_digest's memos
 AUTOCAST_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
@@ -178,7 +180,9 @@ def cache_image_features(clip: ClipModel, images: ImageSet, root: str | os.PathL
     ``ImageViews``); view ``v`` of image ``i`` is seeded by ``(seed, v, i)``, so a resumed build
     cuts the same views. ``split`` names the set's role ("train", "val", "test") in the key;
     ``dataset`` defaults to the set's name; the set's name is always in the key (a generated set's
-    name carries what changes its pixels); ``extra`` key fields are anything else that changes it.
+    name carries what changes its pixels); a folder's sets add ``image_files`` (``image_files_digest``,
+    memoised in ``root/image-digests``), so replaced or deleted images never get old features;
+    ``extra`` key fields are anything else that changes it.
 
     Example::
 
@@ -187,6 +191,9 @@ def cache_image_features(clip: ClipModel, images: ImageSet, root: str | os.PathL
         maps = DenseMaps.of(train)   # the one dense-map type (what SplitFeatures(dense=train) holds)
     """
     spec = ViewSpec.for_clip(clip, views=views, seed=seed)
+    files = image_files_digest(images, Path(root) / IMAGE_DIGESTS)
+    if files is not None:  # generated sets keep their keys: their name says what they hold
+        extra = {"image_files": files, **extra}
     fields = feature_cache_fields(clip, kind=kind, dataset=dataset or images.name, split=split,
                                   ids=list(images.ids), transform=repr(spec.transform()), views=spec.num_views,
                                   view_seed=spec.seed, autocast_dtype=autocast_dtype, image_set=images.name,

@@ -3,7 +3,8 @@
 It holds what SAFE adds to CLIP (the fine-tuned attnpool, the text classifier, the blend, the
 class names and prompt templates) and borrows the frozen trunk and original attnpool from a
 ``ClipModel``. The file is safetensors (no pickle: safe to receive from someone else) with the
-metadata needed to rebuild it; loading onto another backbone or other weights is refused.
+metadata needed to rebuild it; loading onto another backbone or other weights is refused: the file
+holds the digest of the whole image tower (trunk and pooling) it was fitted on.
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
+from ..clip.miniclip import read_safetensors
 from ..clip.models import ClipModel, load_clip, module_digest
 from .safe import Safe, safe_features, safe_logits
 
-# /2: the attnpool fingerprint is ``module_digest`` (blake2b), the hash the feature cache keys on
-FILE_FORMAT = "safelib.SafeClassifier/2"
+# /3: the digest covers the whole image tower (``module_digest`` of ``visual``, the value the feature cache keys
+# on), not only attnpool: the trunk makes the dense maps, so a file fitted on one trunk gives other logits on
+# another. Computed afresh, not memoised per model: weights edited in place must not pass.
+FILE_FORMAT = "safelib.SafeClassifier/3"
+OLD_FORMATS = ("safelib.SafeClassifier/1", "safelib.SafeClassifier/2")
 
 
 class SafeClassifier(nn.Module):
@@ -81,7 +85,7 @@ class SafeClassifier(nn.Module):
     def metadata(self) -> dict[str, str]:
         return {
             "format": FILE_FORMAT, "backbone": self.clip.name, "weights": "" if self.clip.pretrained is None else str(self.clip.pretrained),
-            "attnpool_fingerprint": module_digest(self.clip.attnpool),
+            "visual_digest": module_digest(self.clip.visual),
             "classnames": json.dumps(self.classnames), "templates": json.dumps(self.templates),
             "blend": repr(self.blend),
         }
@@ -101,28 +105,35 @@ class SafeClassifier(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no SafeClassifier file at {path}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as err:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from None
+        tensors, meta = read_safetensors(path)
+        if meta.get("format") in OLD_FORMATS:
+            raise ValueError(f"{path} was saved by an older safelib (format {meta['format']!r}), whose check of the "
+                             f"model covered only the attention pooling; this one reads {FILE_FORMAT!r}. Fit and "
+                             "save the classifier again")
         if meta.get("format") != FILE_FORMAT:
             raise ValueError(f"{path} is not a SafeClassifier file (format {meta.get('format')!r}, "
                              f"expected {FILE_FORMAT!r})")
+        missing = [k for k in ("backbone", "weights", "visual_digest", "classnames", "templates", "blend")
+                   if k not in meta]
+        if missing:
+            raise ValueError(f"{path} is a damaged SafeClassifier file: its metadata lacks {missing}; save it again")
         if clip is None:
             clip = load_clip(meta["backbone"], meta["weights"] or None)
         if clip.name != meta["backbone"]:
             raise ValueError(f"{path} was fitted on backbone {meta['backbone']!r}; it cannot run on {clip.name!r}. "
                              f"Load it with sl.load_clip({meta['backbone']!r}, {meta['weights']!r}).")
-        fingerprint = module_digest(clip.attnpool)
-        if fingerprint != meta["attnpool_fingerprint"]:
+        digest = module_digest(clip.visual)
+        if digest != meta["visual_digest"]:
             raise ValueError(f"{path} was fitted on {meta['backbone']} with weights {meta['weights']!r}, but the "
-                             f"given model's weights ({clip.pretrained!r}) differ (attnpool fingerprint "
-                             f"{fingerprint} != {meta['attnpool_fingerprint']}); load the same weights")
-        device = clip.device
-        attnpool = copy.deepcopy(clip.attnpool)
-        state = {k.removeprefix("attnpool."): v for k, v in tensors.items() if k.startswith("attnpool.")}
-        attnpool.load_state_dict(state)
-        return cls(clip, attnpool.to(device), tensors["text_weights"].to(device), json.loads(meta["classnames"]),
-                   json.loads(meta["templates"]), float(meta["blend"]))
+                             f"given model's weights ({clip.pretrained!r}) differ (image tower digest {digest} != "
+                             f"{meta['visual_digest']}: trunk or pooling); load the same weights")
+        try:
+            attnpool = copy.deepcopy(clip.attnpool)
+            attnpool.load_state_dict({k.removeprefix("attnpool."): v for k, v in tensors.items()
+                                      if k.startswith("attnpool.")})
+            return cls(clip, attnpool.to(clip.device), tensors["text_weights"].to(clip.device),
+                       json.loads(meta["classnames"]), json.loads(meta["templates"]), float(meta["blend"]))
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # RuntimeError: from load_state_dict
+            detail = " ".join(str(err).split())  # on one line: load_state_dict's message spans several
+            raise ValueError(f"{path} is a damaged SafeClassifier file ({type(err).__name__}: {detail}); "
+                             "save it again") from None

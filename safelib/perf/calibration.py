@@ -9,12 +9,20 @@ data shaped like the real maps, in a few seconds:
     gather    assembling batches from each placement the device has (``safelib.features.maps``)
     h2d       pinned host -> GPU copies (CUDA only)
     disk      reading a freshly written memmap after asking the OS to drop its pages (cold), and again (warm)
+
+The memmap sample goes to the system's temp dir, never into the cache: a shared cache may be
+read-only (so the disk rates are the temp dir's disk; ``temp_dir=`` measures another). Its folder
+is named by host and process id, so a later calibration removes the folders of processes killed
+mid-way (``remove_stale_samples``) and never one that a live process (another shard) holds.
 """
 from __future__ import annotations
 
 import copy
 import datetime as _dt
 import os
+import re
+import shutil
+import socket
 import statistics
 import tempfile
 import time
@@ -50,6 +58,47 @@ def _median_time(step: Callable[[], None], repeats: int, device: torch.device,
         _sync(device)
         times.append(clock() - start)
     return statistics.median(times)
+
+
+SAMPLE_PREFIX = "safelib-calibrate-"
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks existence, delivers nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_samples(temp_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the sample folders of calibrations whose process is gone (killed mid-way); returns them.
+
+    Only folders of this host (``safelib-calibrate-<host>-<pid>-*``) are judged: a pid means
+    nothing on another machine sharing the folder. A folder whose process lives (another shard
+    calibrating now) is kept. On Windows, where ``os.kill(pid, 0)`` would end the process, nothing
+    is removed.
+    """
+    if os.name != "posix":
+        return []
+    pattern = re.compile(re.escape(f"{SAMPLE_PREFIX}{_host_tag()}-") + r"(\d+)-[^-]+$")
+    removed = []
+    for entry in Path(temp_dir or tempfile.gettempdir()).glob(f"{SAMPLE_PREFIX}*"):
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_dir() or _alive(int(match.group(1))):
+            continue
+        try:
+            shutil.rmtree(entry)
+            removed.append(entry)
+        except OSError:
+            continue  # cleaned by another process first, or another user's: not ours to judge
+    return removed
 
 
 def synthetic_attnpool(map_shape: tuple[int, int, int] = (2048, 7, 7), seed: int = 0) -> nn.Module:
@@ -106,13 +155,14 @@ def _gather_rate(maps: DenseMaps, device: torch.device, batch_size: int, host_on
 
 
 def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int] = (2048, 7, 7),
-              batch_size: int = 32, attnpool: nn.Module | None = None, cache_dir: str | os.PathLike | None = None,
+              batch_size: int = 32, attnpool: nn.Module | None = None, temp_dir: str | os.PathLike | None = None,
               sample_bytes: float = 128e6, repeats: int = 3, num_classes: int = 1000,
               clock: Callable[[], float] = time.perf_counter) -> Rates:
     """Measured ``Rates`` for SAFE on ``device`` with maps of ``map_shape`` (fp16 in the cache).
 
-    ``cache_dir`` is where the real cache will live (the disk that is read); a temporary file of
-    about ``sample_bytes`` is written there and removed. Takes seconds to a minute on a busy CPU.
+    A sample file of about ``sample_bytes`` is written under ``temp_dir`` (default: the system's temp
+    dir; never the cache, which may be read-only), read back cold and warm, and removed; stale samples
+    of killed calibrations are removed first. Takes seconds to a minute on a busy CPU.
     ``clock=time.process_time`` measures CPU seconds instead of wall seconds: on a CPU shared with
     other jobs that is what stays comparable from one minute to the next.
     """
@@ -140,7 +190,8 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
         gather["pinned"] = _gather_rate(PinnedMaps(maps.pin_memory()), device, batch_size, True, repeats, clock=clock)
         host = maps[0, :batch_size * 4].pin_memory()
         h2d = host.nbytes / _median_time(lambda: host.to(device, non_blocking=True), repeats, device, clock)
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix="safelib-calibrate-") as tmp:
+    remove_stale_samples(temp_dir)
+    with tempfile.TemporaryDirectory(dir=temp_dir, prefix=f"{SAMPLE_PREFIX}{_host_tag()}-{os.getpid()}-") as tmp:
         path = Path(tmp) / "view.npy"
         memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *map_shape))
         memmap[:] = maps[0].numpy()
@@ -183,10 +234,10 @@ def plan_for_maps(dense: MapsLike, device: str | torch.device = "cpu", *, batch_
     maps = DenseMaps.of(dense)
     workload = Workload.from_maps(maps, batch_size=batch_size, epochs=epochs)
     if rates is None:
-        key = (str(device), workload.map_shape, batch_size, str(cache_dir))
+        key = (str(device), workload.map_shape, batch_size)
         if key not in _MEASURED:
             # calibrate times batches of two or more; a batch of one costs about as much per step
-            _MEASURED[key] = calibrate(device, workload.map_shape, max(2, batch_size), cache_dir=cache_dir,
+            _MEASURED[key] = calibrate(device, workload.map_shape, max(2, batch_size),
                                        sample_bytes=min(64e6, 4 * workload.cache_bytes), repeats=2)
         rates = _MEASURED[key]
     root = cache_dir if cache_dir is not None else (maps.path or ".")

@@ -19,6 +19,8 @@ from .runner import run_grid
 from ..methods import METHODS
 from .aggregate import aggregate, load_records, summary_table
 
+JSON_TYPES = {str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -48,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         dataset_options = json.loads(args.dataset_options)
     except json.JSONDecodeError as error:
         parser.error(f"--method-config / --dataset-options must be JSON: {error}")
+    # json.loads('"safe"') is a str, which later reads as the letters s, a, f, e: name the type here
+    for flag, value, example in (("--method-config", method_configs, '{"safe": {"epochs": 10}}'),
+                                 ("--dataset-options", dataset_options, '{"per_class": [4, 2, 6]}')):
+        if not isinstance(value, dict):
+            what = "method names to option dicts" if flag == "--method-config" else "option names to values"
+            parser.error(f"{flag} must be a JSON object mapping {what}, e.g. '{example}'; got a JSON "
+                         f"{JSON_TYPES.get(type(value), type(value).__name__)}: {json.dumps(value)}")
     start = time.perf_counter()
     try:
         run_grid(

@@ -283,7 +283,7 @@ def main() -> None:
                         name=f"16-shot ImageNet / {scale}, K={VIEWS}")
 
     def calibrated(root: str, clock) -> "sl.CachePlan":
-        rates = calibrate(device, batch_size=args.batch, attnpool=attnpool, cache_dir=root,
+        rates = calibrate(device, batch_size=args.batch, attnpool=attnpool, temp_dir=root,
                           repeats=args.calibrate_repeats,
                           sample_bytes=args.sample_mb * 1e6, clock=clock)
         return plan_cache(workload, profile_here(device, root, rates), rates)
