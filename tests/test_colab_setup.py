@@ -22,8 +22,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 URL, BRANCH = colab.repository(ROOT / "_config.yml")
 
 
-def cell_source(path: Path, index: int) -> str:
-    return "".join(json.loads(path.read_text())["cells"][index]["source"])
+def cell_source(path: Path, after_parameters: int) -> str:
+    """The source of the cell ``after_parameters`` cells below the parameters cell (1: setup, 2: badge)."""
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(cells[colab.parameters_index(cells) + after_parameters]["source"])
 
 
 def test_config_names_one_public_repository():
@@ -45,9 +47,10 @@ def test_the_check_catches_a_forked_url_and_a_missing_cell(tmp_path):
     path.write_text(NOTEBOOKS[0].read_text())
     assert colab.check_notebook(path, "https://github.com/someone/fork", BRANCH) != []
     nb = json.loads(path.read_text())
-    del nb["cells"][1]
+    setup = colab.parameters_index(nb["cells"]) + 1
+    del nb["cells"][setup]
     path.write_text(json.dumps(nb))
-    assert any("cell 1 is not the Colab setup cell" in p for p in colab.check_notebook(path, URL, BRANCH))
+    assert any(f"cell {setup} is not the Colab setup cell" in p for p in colab.check_notebook(path, URL, BRANCH))
 
 
 def test_fix_inserts_after_parameters_keeps_other_cells_and_is_idempotent(tmp_path):
@@ -65,6 +68,26 @@ def test_fix_inserts_after_parameters_keeps_other_cells_and_is_idempotent(tmp_pa
     assert colab.fix_notebook(path, "https://github.com/someone/fork", BRANCH) is True  # a fork rewrites them
     assert "someone/fork" in "".join(json.loads(path.read_text())["cells"][1]["source"])
     assert colab.main(["--config", str(ROOT / "_config.yml"), str(path)]) == 1  # off from the config now
+
+
+def test_a_title_cell_may_come_first_and_the_colab_cells_follow_the_parameters(tmp_path):
+    cells = [{"cell_type": "markdown", "metadata": {}, "source": ["# A chapter\n"]},
+             {"cell_type": "code", "execution_count": None, "metadata": {"tags": ["parameters"]}, "outputs": [],
+              "source": ["x = 1"]},
+             {"cell_type": "markdown", "metadata": {}, "source": ["Text."]}]
+    path = tmp_path / "06_new.ipynb"
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert colab.fix_notebook(path, URL, BRANCH) is True
+    assert colab.check_notebook(path, URL, BRANCH) == []
+    after = json.loads(path.read_text())["cells"]
+    assert [c["source"] for c in (after[0], after[1], after[4])] == [["# A chapter\n"], ["x = 1"], ["Text."]]
+    assert "colab-setup" in after[2]["metadata"]["tags"] and "colab-badge" in after[3]["metadata"]["tags"]
+    assert colab.fix_notebook(path, URL, BRANCH) is False
+    # a code cell above the parameters is not a title: refused
+    cells[0] = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": ["y = 2"]}
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    with pytest.raises(ValueError, match="parameters"):
+        colab.fix_notebook(path, URL, BRANCH)
 
 
 def test_fix_refuses_a_notebook_without_parameters_cell(tmp_path):

@@ -44,7 +44,8 @@ def test_attention_figures_draw_each_images_own_map_over_it(tmp_path):
     coverage[:, :2, :2] = 1.0
     attention = _attention()
     fig = plots.show_attention(images, attention, titles=["a", "b", "c"], coverage=coverage, columns=2)
-    assert len(fig.axes) == 4 and not fig.axes[3].axison  # 3 panels on a 2 x 2 grid, the last one blank
+    assert len(fig.axes) == 5 and not fig.axes[3].axison  # 3 panels on a 2 x 2 grid, the last one blank
+    assert fig.axes[4].get_ylabel() == "share of the attention per grid cell"  # and one colour bar
     heat = plots.attention_grid(attention)
     for i in range(3):
         np.testing.assert_array_equal(_heat(fig.axes[i]), heat[i])
@@ -58,7 +59,7 @@ def test_attention_figures_draw_each_images_own_map_over_it(tmp_path):
     before, after = _attention(), _attention()
     fig = plots.attention_before_after(images, before, after, coverage=coverage, titles=list("abc"),
                                        masses=([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]))
-    assert len(fig.axes) == 6
+    assert len(fig.axes) == 7  # 2 x 3 panels and one colour bar for both rows
     np.testing.assert_array_equal(_heat(fig.axes[1]), plots.attention_grid(before)[1])  # row 0: before
     np.testing.assert_array_equal(_heat(fig.axes[4]), plots.attention_grid(after)[1])   # row 1: after
     assert [t.get_text() for t in fig.axes[3].texts] == ["on target 0.40"]
@@ -106,6 +107,35 @@ def test_target_mass_puts_before_on_x_and_after_on_y():
     (ax,) = fig.axes
     np.testing.assert_array_equal(ax.collections[0].get_offsets(), [[0.2, 0.4], [0.3, 0.5]])
     np.testing.assert_array_equal(ax.lines[0].get_xydata(), [[0, 0], [1, 1]])  # the diagonal: no change
+    plt.close(fig)
+    fig = plots.plot_target_mass([0.2, 0.3], [0.4, 0.5], uniform=0.25)
+    (ax,) = fig.axes
+    assert [tuple(line.get_xdata()) for line in ax.lines[1:]] == [(0.25, 0.25), (0, 1)]  # uniform, both axes
+    plt.close(fig)
+
+
+def test_blend_curves_draw_each_sweep_on_a_full_axis_with_chance_and_choice():
+    val = [{"blend": 0.0, "accuracy": 40.0}, {"blend": 0.5, "accuracy": 60.0}, {"blend": 1.0, "accuracy": 50.0}]
+    test = [{"blend": 0.0, "accuracy": 35.0}, {"blend": 0.5, "accuracy": 45.0}, {"blend": 1.0, "accuracy": 55.0}]
+    fig = plots.plot_blend_curves({"val": val, "test": test}, chance=100 / 6, chosen={"val": 0.5},
+                                  band={"test": ([30, 40, 50], [40, 50, 60])})
+    (ax,) = fig.axes
+    val_line, star, test_line, chance = ax.lines
+    np.testing.assert_array_equal(val_line.get_ydata(), [40.0, 60.0, 50.0])
+    np.testing.assert_array_equal(star.get_xydata(), [[0.5, 60.0]])  # the chosen blend, on its line
+    np.testing.assert_array_equal(test_line.get_ydata(), [35.0, 45.0, 55.0])
+    assert chance.get_ydata()[0] == pytest.approx(100 / 6)
+    assert ax.get_ylim() == (0, 100) and len(ax.collections) == 1  # the whole axis; one band
+    with pytest.raises(ValueError, match="no sweeps"):
+        plots.plot_blend_curves({})
+    plt.close(fig)
+
+
+def test_blend_sweep_says_what_one_validation_image_is_worth():
+    sweep = [{"blend": 0.0, "accuracy": 50.0, "cross_entropy": 1.0, "correct": 12},
+             {"blend": 1.0, "accuracy": 75.0, "cross_entropy": 0.8, "correct": 18}]
+    fig = plots.plot_blend_sweep(sweep)
+    assert "one of the 24 images = 4.2 accuracy points" in fig.axes[0].get_xlabel()
     plt.close(fig)
 
 

@@ -119,24 +119,41 @@ def _tags(cell: Mapping[str, Any]) -> list[str]:
     return list(cell.get("metadata", {}).get("tags", []))
 
 
+def parameters_index(cells: list) -> int | None:
+    """Where the ``parameters`` cell is: cell 0, or cell 1 below a Markdown title cell; None otherwise.
+
+    A chapter opens with its title (a Markdown cell) so that a reader sees the title first; papermill
+    finds the tagged cell wherever it is.
+    """
+    for i in (0, 1):
+        if i < len(cells) and "parameters" in _tags(cells[i]):
+            return i if i == 0 or cells[0]["cell_type"] == "markdown" else None
+    return None
+
+
 def check_notebook(path: str | Path, url: str, branch: str = "main") -> list[str]:
     """What is wrong with a notebook's setup and badge cells, in words; empty when both are right.
 
-    Right means: cell 0 is tagged ``parameters``; cell 1 is a code cell tagged ``colab-setup`` whose
-    source is exactly :func:`setup_cell_source`; cell 2 is the Markdown badge of this notebook.
+    Right means: the ``parameters`` cell is cell 0 (or cell 1, below a Markdown title cell); the
+    next cell is a code cell tagged ``colab-setup`` whose source is exactly :func:`setup_cell_source`;
+    the one after is the Markdown badge of this notebook.
     """
     path = Path(path)
     cells = json.loads(path.read_text())["cells"]
     problems = []
-    if not cells or "parameters" not in _tags(cells[0]):
-        problems.append(f"{path.name}: cell 0 is not the 'parameters' cell")
-    if len(cells) < 2 or SETUP_TAG not in _tags(cells[1]) or cells[1]["cell_type"] != "code":
-        problems.append(f"{path.name}: cell 1 is not the Colab setup cell (a code cell tagged {SETUP_TAG!r})")
-    elif _cell_text(cells[1]) != setup_cell_source(url, branch):
+    p = parameters_index(cells)
+    if p is None:
+        problems.append(f"{path.name}: neither cell 0 nor cell 1 below a Markdown title is the 'parameters' cell")
+        p = 0
+    setup, badge = p + 1, p + 2
+    if len(cells) <= setup or SETUP_TAG not in _tags(cells[setup]) or cells[setup]["cell_type"] != "code":
+        problems.append(f"{path.name}: cell {setup} is not the Colab setup cell (a code cell tagged {SETUP_TAG!r})")
+    elif _cell_text(cells[setup]) != setup_cell_source(url, branch):
         problems.append(f"{path.name}: the Colab setup cell differs from setup_cell_source({url!r}, {branch!r})")
-    if len(cells) < 3 or BADGE_TAG not in _tags(cells[2]) or cells[2]["cell_type"] != "markdown":
-        problems.append(f"{path.name}: cell 2 is not the Open-in-Colab badge (a Markdown cell tagged {BADGE_TAG!r})")
-    elif _cell_text(cells[2]) != badge_source(url, branch, path):
+    if len(cells) <= badge or BADGE_TAG not in _tags(cells[badge]) or cells[badge]["cell_type"] != "markdown":
+        problems.append(f"{path.name}: cell {badge} is not the Open-in-Colab badge (a Markdown cell tagged "
+                        f"{BADGE_TAG!r})")
+    elif _cell_text(cells[badge]) != badge_source(url, branch, path):
         problems.append(f"{path.name}: the Colab badge differs from badge_source({url!r}, {branch!r}, ...)")
     return problems
 
@@ -148,23 +165,27 @@ def _lines(text: str) -> list[str]:
 def fix_notebook(path: str | Path, url: str, branch: str = "main") -> bool:
     """Insert (or rewrite) the setup and badge cells after the parameters cell; True if the file changed.
 
+    The parameters cell is cell 0, or cell 1 below the chapter's Markdown title cell.
+
     Reads, edits and writes the notebook at once (other people edit notebooks too); cells other
     than these two are left exactly as they are.
     """
     path = Path(path)
     nb = json.loads(path.read_text())
     cells: list[MutableMapping[str, Any]] = nb["cells"]
-    if not cells or "parameters" not in _tags(cells[0]):
-        raise ValueError(f"{path}: cell 0 must be the code cell tagged 'parameters' before the Colab cells go after it")
     before = json.dumps(cells, sort_keys=True)
     cells[:] = [c for c in cells if not {SETUP_TAG, BADGE_TAG} & set(_tags(c))]
+    p = parameters_index(cells)
+    if p is None:
+        raise ValueError(f"{path}: cell 0 (or cell 1, below a Markdown title cell) must be the code cell tagged "
+                         "'parameters' before the Colab cells go after it")
     setup = {"cell_type": "code", "execution_count": None, "metadata": {"tags": [SETUP_TAG, "hide-input"]},
              "outputs": [], "source": _lines(setup_cell_source(url, branch))}
     badge = {"cell_type": "markdown", "metadata": {"tags": [BADGE_TAG]}, "source": _lines(badge_source(url, branch, path))}
     if nb.get("nbformat", 4) == 4 and nb.get("nbformat_minor", 0) >= 5:
         for cell, suffix in ((setup, "setup"), (badge, "badge")):
             cell["id"] = f"colab-{suffix}"
-    cells[1:1] = [setup, badge]
+    cells[p + 1:p + 1] = [setup, badge]
     if json.dumps(cells, sort_keys=True) == before:
         return False
     path.write_text(json.dumps(nb, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
