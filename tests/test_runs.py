@@ -22,7 +22,9 @@ import safelib.runs.runner as runner
 from safelib.runs.__main__ import main as cli_main
 from safelib import data
 from safelib.runs.aggregate import BENCHMARK_MEAN, aggregate, benchmark_mean, load_records, summary_table
+from safelib.clip.models import weights_file_digest
 from safelib.runs import RunConfig, RunConfigError, read_record, run, write_record
+from safelib.runs.config import identity_of
 
 TOY = "toy_runs"
 COLOURS = ((220, 40, 40), (40, 200, 60), (50, 70, 230))
@@ -358,12 +360,15 @@ def test_safe_with_batches_of_one_runs_through_the_planner(tmp_path, clip):
 
 # --- typed configs, identity, test datasets, fitted runs ------------------------------------------
 
-def test_earlier_records_keep_their_names():
-    """The identity (the record's file name) of a default config is what it was before the config
-    held a typed method config and a test dataset (hashes taken at commit ec015ed)."""
+def test_config_hashes_are_stable_and_the_identity_adds_the_weights_content():
+    """The config part of the identity is what it was before the config held a typed method config
+    and a test dataset (hashes taken at commit ec015ed); the identity adds the weights file's
+    content digest, so it differs from that hash and follows the file, not its name."""
     expected = {"safe": "0a0026328b", "tip_adapter": "804db43feb", "safe_a_tip": "972dad85f9"}
-    got = {m: RunConfig(dataset="miniworld_shape_largest", method=m, shots=1, seed=1).identity for m in expected}
-    assert got == expected
+    configs = {m: RunConfig(dataset="miniworld_shape_largest", method=m, shots=1, seed=1) for m in expected}
+    assert {m: identity_of(c.to_dict()) for m, c in configs.items()} == expected
+    assert all(c.weights_digest == weights_file_digest("miniclip", "shipped") for c in configs.values())
+    assert all(c.identity == identity_of(c.to_dict(), c.weights_digest) != expected[m] for m, c in configs.items())
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -8,9 +8,11 @@ layer; ViTs pool with a class token and are refused. Taught in notebooks/01_atte
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import socket
+import weakref
 from dataclasses import dataclass
 from urllib.parse import urlparse
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from .attnpool import attention_pool
-from .miniclip import CHECKPOINT, build_miniclip, record_preprocess_cfg
+from .miniclip import CHECKPOINT, build_miniclip, load_weights_file, record_preprocess_cfg
 
 # Every open_clip ResNet CLIP and the weight tags open_clip knows for it.
 RESNET_MODELS: tuple[str, ...] = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -212,13 +214,18 @@ def load_clip(
     name: RN50, RN101, RN50x4, RN50x16, RN50x64, or "miniclip" (ours, shipped, offline).
     pretrained: an open_clip tag (openai, yfcc15m, cc12m), a local weights file
         (safetensors, or a state dict loaded with weights_only=True), or None for random weights.
-        For "miniclip": "shipped" (also what None and the default mean: it has no random variant)
-        or a mini-CLIP checkpoint file.
+        For "miniclip": "shipped" (also what the default tag means) or a mini-CLIP checkpoint file;
+        None is refused (its architecture comes from a checkpoint: it has no random variant).
+    Random weights (None) are drawn from a fixed seed, so two loads are the same model and a run on
+    them can be resumed and compared.
     """
     _check_model_name(name)
     if name == MINICLIP:
+        if pretrained is None:
+            raise ValueError("weights None (random) is not available for miniclip: its architecture comes from "
+                             "its checkpoint; use 'shipped' or a mini-CLIP checkpoint file")
         # the default tag ("openai") means "the weights this model comes with": the shipped ones
-        shipped = pretrained in (None, "shipped", "openai")
+        shipped = pretrained in ("shipped", "openai")
         model = build_miniclip(CHECKPOINT if shipped else Path(pretrained))
         tokenizer = open_clip.get_tokenizer("RN50", context_length=model.context_length)
         return wrap_clip(name, "shipped" if shipped else str(pretrained), model, tokenizer).to(device)
@@ -232,18 +239,81 @@ def load_clip(
                 f"unknown weights {pretrained!r} for {name}. Valid tags: {', '.join(weight_tags(name))}; "
                 "or a path to a local weights file."
             )
+    if is_file and Path(pretrained).suffix == ".safetensors":
+        # our own reader: a corrupt file or another architecture's weights are named, not an AssertionError
+        model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True, device=device)
+        load_weights_file(model, pretrained, what=name)
+        return wrap_clip(name, pretrained, model, open_clip.get_tokenizer(name))
     fetching = pretrained is not None and not is_file
     try:
-        with _hub_offline_if_unreachable(name, pretrained) if fetching else contextlib.nullcontext():
+        with (_hub_offline_if_unreachable(name, pretrained) if fetching else contextlib.nullcontext()), \
+                _seeded(RANDOM_WEIGHTS_SEED if pretrained is None else None):
             model = open_clip.create_model(
                 name, pretrained=pretrained, force_quick_gelu=is_file or uses_quick_gelu(name, pretrained),
                 cache_dir=None if cache_dir is None else str(cache_dir), device=device, weights_only=True,
             )
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, AssertionError) as error:
+        if is_file:
+            raise ValueError(f"{pretrained} could not be loaded as {name} weights ({type(error).__name__}: {error}); "
+                             "is it a state dict saved from this model?") from error
         if not fetching:
             raise
         raise _weights_error(name, pretrained, error) from error
     return wrap_clip(name, pretrained, model, open_clip.get_tokenizer(name))
+
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Draw from ``seed`` without touching the caller's random state (no-op for None)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def weights_file_digest(name: str, weights: str | os.PathLike | None) -> str | None:
+    """A content hash of the file that ``load_clip(name, weights)`` reads, or None for open_clip tags and
+    random weights (a published tag names fixed content; random weights are drawn from a fixed seed).
+
+    Part of a run's identity: a weights file replaced at the same path (a re-pretrained mini-CLIP,
+    an edited checkpoint) gives a new identity, so resume never returns the old file's records.
+    """
+    if weights is None:
+        return None
+    if name == MINICLIP and str(weights) in ("shipped", "openai"):
+        path = CHECKPOINT
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            return None  # a tag
+    stat = path.stat()
+    return _file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (first 16 hex digits); size and mtime only key the memo, never the digest."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+_MODEL_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def clip_digest(clip: "ClipModel") -> str:
+    """``module_digest`` of the whole model (both towers), computed once per model: what a record
+    says was loaded, whatever the weights' name."""
+    if clip.model not in _MODEL_DIGESTS:
+        _MODEL_DIGESTS[clip.model] = module_digest(clip.model)
+    return _MODEL_DIGESTS[clip.model]
 
 
 def random_clip(name: str = "RN50", seed: int = 0, quick_gelu: bool = True) -> ClipModel:

@@ -11,9 +11,11 @@ PCG64 seeded through SeedSequence, so the same seed gives the same ids on any ma
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -109,17 +111,26 @@ def sample_few_shot(data: SplitDataset | ImageSet, shots: int, seed: int,
     return shot_set, val_set
 
 
-def few_shot_filename(dataset: str, shots: int, seed: int) -> str:
-    """The conventional file name for a sample's ids, e.g. ``oxford_pets_16shot_seed1.json``."""
+def few_shot_filename(dataset: str, shots: int, seed: int, options: Mapping[str, Any] | None = None) -> str:
+    """The conventional file name for a sample's ids, e.g. ``oxford_pets_16shot_seed1.json``.
+
+    A generated dataset's options change its images, so they are in the name (a short hash), e.g.
+    ``miniworld_shape_largest-3f2a9c10_2shot_seed1.json``: a run with other options never overwrites
+    the sample an earlier record points to.
+    """
+    if options:
+        tag = hashlib.sha256(json.dumps(dict(options), sort_keys=True).encode()).hexdigest()[:8]
+        dataset = f"{dataset}-{tag}"
     return f"{dataset}_{shots}shot_seed{seed}.json"
 
 
 def save_few_shot(path: str | Path, train: ImageSet, val: ImageSet, *, dataset: str, shots: int,
-                  seed: int) -> Path:
+                  seed: int, options: Mapping[str, Any] | None = None) -> Path:
     """Write the sampled ids (and labels) as JSON beside a run's results, atomically; returns the path."""
     path = Path(path)
     payload = {
         "dataset": dataset, "shots": int(shots), "seed": int(seed), "classnames": list(train.classnames),
+        **({"dataset_options": dict(options)} if options else {}),
         "train": {"source": train.name, "ids": list(train.ids), "labels": list(train.labels)},
         "val": {"source": val.name, "ids": list(val.ids), "labels": list(val.labels)},
     }

@@ -24,7 +24,10 @@ from .records import RECORD_SUFFIX, read_record
 BENCHMARK_MEAN = "mean (11 datasets)"
 # dataset_options and test_dataset: canonical JSON / a name ("" = dataset's own test split);
 # setting: the canonical JSON of the method's flattened settings (``RunConfig.setting``).
-GROUP = ["dataset", "dataset_options", "test_dataset", "backbone", "weights", "method", "setting", "shots"]
+# weights_digest: the weights file's content hash ("" for tags and random weights), so runs on two
+# files with one name (a re-pretrained mini-CLIP) never share a cell.
+GROUP = ["dataset", "dataset_options", "test_dataset", "backbone", "weights", "weights_digest", "method", "setting",
+         "shots"]
 DATA_COLUMNS = ("dataset", "dataset_options", "test_dataset")
 METRICS = ["val_acc", "test_acc", "wall_seconds"]
 
@@ -56,7 +59,8 @@ def records_frame(records: Iterable[tuple[Mapping[str, Any], str | os.PathLike]]
         rows.append({
             "dataset": config["dataset"], "dataset_options": _canonical(config.get("dataset_options") or {}),
             "test_dataset": "" if test is None else test + (f" {_canonical(test_options)}" if test_options else ""),
-            "backbone": config["backbone"], "weights": str(config["weights"]), "method": config["method"],
+            "backbone": config["backbone"], "weights": str(config["weights"]),
+            "weights_digest": record.get("weights_digest") or "", "method": config["method"],
             "setting": _canonical(setting_of(config)), "shots": config["shots"], "seed": config["seed"],
             "val_acc": record["val_acc"], "test_acc": record["test_acc"], "wall_seconds": record["wall_seconds"],
             "chosen": _canonical(record["chosen"]), "git_commit": record.get("git_commit"), "path": str(path),
@@ -134,7 +138,7 @@ def summary_table(table: pd.DataFrame, metric: str = "test_acc", digits: int = 1
     cells = table.assign(cell=table.apply(cell, axis=1))
     cells["dataset_options"] = _in_words(cells, "dataset_options", "dataset")
     cells["setting"] = _in_words(cells, "setting", ["dataset", "method"])
-    varying = [c for c in ("dataset_options", "test_dataset", "backbone", "weights", "setting")
+    varying = [c for c in ("dataset_options", "test_dataset", "backbone", "weights", "weights_digest", "setting")
                if cells[c].nunique() > 1]
     return cells.pivot(index=["dataset", "method", *varying], columns="shots", values="cell")
 

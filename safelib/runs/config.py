@@ -23,7 +23,7 @@ import torch
 
 from .records import RECORD_SUFFIX, jsonable
 from .. import data
-from ..clip.models import valid_model_names
+from ..clip.models import MINICLIP, valid_model_names, weight_tags, weights_file_digest
 from ..features.extract import AUTOCAST_DTYPES
 from ..methods import METHODS, MethodConfig, method_config
 from ..methods.presets import without_later_fields
@@ -35,6 +35,8 @@ _NOT_IDENTITY = ("data_root", "cache_dir", "out_dir", "num_workers", "batch_size
 # so every earlier record keeps its name.
 _LATER_FIELDS = {"test_dataset": None, "test_dataset_options": {}}
 # What names the data and the sample rather than the method's setting (aggregation groups on them).
+# torch.Generator.manual_seed takes 64 bits; seeds are also offset (seed + k), so keep one bit spare.
+MAX_SEED = 2**63 - 1
 _DATA_FIELDS = ("dataset", "dataset_options", "test_dataset", "test_dataset_options", "shots", "seed",
                 "method", "backbone", "weights")
 
@@ -95,8 +97,15 @@ class RunConfig:
                    f"must be an int >= {low}, got {value!r}")
         _check(self.backbone in valid_model_names(), "backbone",
                f"unknown backbone {self.backbone!r}; valid: {', '.join(valid_model_names())}")
+        _check(self.seed <= MAX_SEED, "seed", f"must fit a 64-bit generator seed (0 to 2**63 - 1), got {self.seed!r}")
         _check(self.weights is None or isinstance(self.weights, str), "weights",
                f"must be a weights tag, a file path or None, got {self.weights!r}")
+        _check(self.weights is not None or self.backbone != MINICLIP, "weights",
+               "None (random weights) is not available for miniclip: its architecture comes from its checkpoint; "
+               "use 'shipped' or a mini-CLIP checkpoint file")
+        _check(self.weights is None or self.weights in weight_tags(self.backbone) or Path(self.weights).is_file(),
+               "weights", f"{self.weights!r} is neither a weights tag of {self.backbone} "
+               f"({', '.join(weight_tags(self.backbone))}) nor an existing file")
         for name in ("cache_dir", "out_dir"):
             _check(isinstance(getattr(self, name), (str, os.PathLike)), name, f"must be a path, got {getattr(self, name)!r}")
         _check(self.autocast_dtype in AUTOCAST_DTYPES, "autocast_dtype",
@@ -115,6 +124,12 @@ class RunConfig:
             _check(isinstance(options, Mapping), name, f"must be a dict, got {type(options).__name__}")
             _check(not options or dataset is None or data.dataset_spec(dataset).accepts_options, name,
                    f"{dataset!r} takes no options (only generated and custom datasets do), got {dict(options)!r}")
+        for name, dataset in (("dataset_options", self.dataset), ("test_dataset_options", self.test_dataset)):
+            if dataset is not None and getattr(self, name):
+                try:
+                    data.check_dataset_options(dataset, getattr(self, name))
+                except ValueError as error:
+                    raise RunConfigError(f"RunConfig.{name}: {error}") from None
         _check(self.test_dataset is not None or not self.test_dataset_options, "test_dataset_options",
                f"options of a test dataset need a test_dataset, got {dict(self.test_dataset_options)!r} "
                "with test_dataset None")
@@ -152,10 +167,19 @@ class RunConfig:
         """The dataset whose test split is scored."""
         return self.test_dataset or self.dataset
 
+    @functools.cached_property
+    def weights_digest(self) -> str | None:
+        """A content hash of the weights file (the shipped mini-CLIP's too); None for tags and random weights."""
+        return weights_file_digest(self.backbone, self.weights)
+
     @property
     def identity(self) -> str:
-        """A short hash of what the run computes (not where files live): part of the record's name."""
-        return identity_of(self._plain)
+        """A short hash of what the run computes (not where files live): part of the record's name.
+
+        It covers the weights' content, not only their name: a file replaced at the same path (a
+        re-pretrained mini-CLIP) gives a new identity, so resume never serves the old file's records.
+        """
+        return identity_of(self._plain, self.weights_digest)
 
     @property
     def setting(self) -> dict[str, Any]:
@@ -179,10 +203,13 @@ class RunConfig:
         return cls(**values)
 
 
-def identity_of(plain: Mapping[str, Any]) -> str:
-    """The identity hash of a config's plain dict (``RunConfig.to_dict()`` or a record's ``config``)."""
+def identity_of(plain: Mapping[str, Any], weights_digest: str | None = None) -> str:
+    """The identity hash of a config's plain dict (``RunConfig.to_dict()`` or a record's ``config``) and
+    its weights file's content digest (``RunConfig.weights_digest``, a record's ``weights_digest``)."""
     fields = {k: v for k, v in plain.items()
               if k not in _NOT_IDENTITY and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    if weights_digest is not None:
+        fields["weights_digest"] = weights_digest
     if isinstance(fields.get("method_config"), Mapping):  # and the method configs' later fields (presets)
         fields["method_config"] = without_later_fields(fields["method_config"])
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

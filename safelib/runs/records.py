@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -63,10 +64,29 @@ def _git_state(where: Path) -> tuple[str | None, bool | None]:
 
 
 def write_record(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Write a record atomically: a temporary file in the same folder, fsync, then rename."""
+    """Write a record atomically: a temporary file in the same folder, fsync, then rename.
+
+    Records are strict JSON (a strict parser rejects bare ``NaN``): a non-finite number is written
+    as null, and ``non_finite`` says where it was and what it was (e.g. ``{"chosen.val_loss": "nan"}``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_json(path, jsonable(dict(record)), sort_keys=True, allow_nan=True)
+    notes: dict[str, str] = {}
+    strict = _finite_or_null(jsonable(dict(record)), "", notes)
+    if notes:
+        strict["non_finite"] = notes
+    return atomic_write_json(path, strict, sort_keys=True, allow_nan=False)
+
+
+def _finite_or_null(value: Any, where: str, notes: dict[str, str]) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        notes[where] = repr(value)  # 'nan', 'inf', '-inf'
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v, f"{where}.{k}" if where else k, notes) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    return value
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
@@ -97,4 +117,4 @@ def jsonable(value: Any) -> Any:
         return os.fspath(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return jsonable(dataclasses.asdict(value))
-    return value  # str, int, float (NaN and infinities too: records are written with allow_nan), bool, None
+    return value  # str, int, float (non-finite ones become null in write_record), bool, None

@@ -32,7 +32,7 @@ from .aggregate import records_frame
 from .config import RunConfig, RunConfigError, identity_of
 from .records import RECORD_FORMAT, jsonable, provenance, read_record, write_record
 from .. import data
-from ..clip.models import load_clip
+from ..clip.models import clip_digest, load_clip
 from ..clip.text import zero_shot_classifier
 from ..data import ImageSet, SplitDataset, get_dataset
 from ..features.extract import cache_image_features
@@ -105,9 +105,13 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", data.FewShotWarning)
             train_set, val_set = data.sample_few_shot(dataset, config.shots, config.seed)
+        sampling_warnings = [str(w.message) for w in caught if issubclass(w.category, data.FewShotWarning)]
+        _to_console(config, sampling_warnings)  # they change what the run means: not only in the record
         ids_file = data.save_few_shot(
-            Path(config.out_dir) / config.dataset / "samples" / data.few_shot_filename(config.dataset, config.shots, config.seed),
+            Path(config.out_dir) / config.dataset / "samples"
+            / data.few_shot_filename(config.dataset, config.shots, config.seed, options=config.dataset_options),
             train_set, val_set, dataset=config.dataset, shots=config.shots, seed=config.seed,
+            options=config.dataset_options,
         )
     with stages("text_classifier"):
         classifier = _text_classifier(clip, dataset.classnames, dataset.templates)
@@ -134,6 +138,8 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
                     classnames=tuple(dataset.classnames), clip=clip)
     with stages("fit"):
         method.fit(FewShotData(train=splits["train"], val=splits["val"], head=head, seed=config.seed))
+    training_warnings = list(getattr(method, "training_warnings", []))
+    _to_console(config, training_warnings)
     with stages("predict"):
         val_logits = method.predict(splits["val"])
         test_logits = _scored(method.predict(splits["test"]), test_classes)
@@ -142,7 +148,10 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
     record = {
         "format": RECORD_FORMAT,
         "config": plain,
-        "identity": identity_of(plain),
+        "identity": identity_of(plain, config.weights_digest),
+        # what was loaded: the weights file's content hash (None: a tag or random) and the whole model's
+        "weights_digest": config.weights_digest,
+        "model_digest": clip_digest(clip),
         "val_acc": accuracy(val_logits, splits["val"].labels),
         "test_acc": accuracy(test_logits, splits["test"].labels),
         "chosen": jsonable(method.chosen),
@@ -150,7 +159,8 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
         "num_classes": len(dataset.classnames),
         "num_images": {"train": len(train_set), "val": len(val_set), "test": len(test_data.test)},
         "sampled_ids": os.path.relpath(ids_file, config.record_path().parent),
-        "sampling_warnings": [str(w.message) for w in caught if issubclass(w.category, data.FewShotWarning)],
+        "sampling_warnings": sampling_warnings,
+        "training_warnings": training_warnings,
         "cache_plan": cache_plan,
         "timings": stages.seconds,
         "wall_seconds": sum(stages.seconds.values()),
@@ -164,6 +174,17 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
     fitted = FittedRun(config=config, method=method, head=head, splits=splits, train_set=train_set,
                        val_set=val_set, test_set=test_data.test, test_classes=test_classes)
     return record, fitted
+
+
+class RunWarning(UserWarning):
+    """Something that changes what a run's numbers mean (a short class, a loss that rose): shown on the
+    console as well as kept in the record."""
+
+
+def _to_console(config: RunConfig, messages: Sequence[str]) -> None:
+    for message in messages:
+        warnings.warn(f"{config.method} on {config.dataset} ({config.shots}-shot, seed {config.seed}): {message}",
+                      RunWarning, stacklevel=3)
 
 
 def _test_classes(config: RunConfig, dataset: SplitDataset, test_data: SplitDataset) -> torch.Tensor | None:
