@@ -134,7 +134,7 @@ def test_clip_adapter_reference_is_coops_trainer_with_ratio_02():
 def test_bad_preset_and_selection_are_named():
     with pytest.raises(ValueError, match="preset must be 'ours' or 'reference'"):
         TipAdapterConfig(preset="field")
-    with pytest.raises(ValueError, match="selection must be one of"):
+    with pytest.raises(ValueError, match="selection='test'; valid: few_shot_val, full_val"):
         TipAdapterConfig(selection="test")
 
 

@@ -313,5 +313,5 @@ def test_linear_probe_on_mean_views_is_sklearn_on_the_mean_features():
     model = LogisticRegression(C=1.0, max_iter=1000).fit(mean, data.train.labels.numpy())
     expected = model.predict_log_proba(F.normalize(test.pooled[0], dim=-1).double().numpy())
     np.testing.assert_allclose(method.predict(test).numpy(), expected, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="'all' or 'mean'"):
+    with pytest.raises(ValueError, match="views='first'; valid: all, mean"):
         LinearProbeAugConfig(views="first")

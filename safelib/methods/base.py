@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,6 +38,11 @@ __all__ = [
     "FewShotData",
     "FewShotMethod",
     "MethodConfig",
+    "FieldChecks",
+    "TrainingDivergedError",
+    "TrainingWarning",
+    "check_epoch",
+    "loss_warnings",
     "accuracy",
     "select_best",
     "validation_scores",
@@ -198,10 +206,142 @@ def eval_view(pooled: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Base of every method's frozen config; subclasses validate their fields in __post_init__."""
+    """Base of every method's frozen config; subclasses validate their fields in __post_init__
+    with `FieldChecks`, so a wrong value stops a run before any feature is extracted."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# A float that YAML 1.1 (PyYAML) reads as a string: no dot in the mantissa, e.g. 1e-3.
+_LOST_FLOAT = re.compile(r"^[+-]?\d+[eE][+-]?\d+$")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number, not a bool (``True`` is an int in Python; as a learning rate it is a typo)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _why_not(value: Any) -> str:
+    """What is wrong with a value that should have been a number, for the error message."""
+    if isinstance(value, (bool, np.bool_)):
+        return " (a boolean, not a number)"
+    if isinstance(value, str):
+        text = value.strip()
+        if _LOST_FLOAT.match(text):
+            mantissa, exponent = re.split(r"[eE]", text)
+            return (f" (a string: PyYAML reads {text}, a float without a dot in its mantissa, as text; "
+                    f"write {mantissa}.0e{exponent})")
+        try:
+            float(text)
+        except ValueError:
+            return " (a string)"
+        return f" (a string; write the number {text} without quotes)"
+    if _is_number(value) and not math.isfinite(value):
+        return " (not finite)"
+    return "" if value is None or _is_number(value) else f" ({_type_name(value)})"
+
+
+def _type_name(value: Any, article: bool = True) -> str:
+    """"a string", "an int", ...: the value's type as a message says it."""
+    name = {str: "string", bool: "boolean", tuple: "list", dict: "dict"}.get(type(value), type(value).__name__)
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}" if article else name
+
+
+class FieldChecks:
+    """Every problem of one config's fields, collected and raised together as one ``ValueError``.
+
+    Each check names the field, the value and what is allowed; a string where a number belongs
+    says how to write it (the YAML ``1e-3`` trap), a bool is never a number and NaN never a value.
+    """
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.problems: list[str] = []
+
+    def _value(self, name: str) -> Any:
+        return getattr(self.config, name)
+
+    def number(self, name: str, *, low: float | None = None, high: float | None = None,
+               above: float | None = None, below: float | None = None, optional: bool = False) -> None:
+        """A finite real number within the given bounds (``low``/``high`` inclusive, ``above``/``below`` not)."""
+        value = self._value(name)
+        if optional and value is None:
+            return
+        ok = (_is_number(value) and math.isfinite(value) and (low is None or value >= low)
+              and (high is None or value <= high) and (above is None or value > above)
+              and (below is None or value < below))
+        if not ok:
+            self.problems.append(f"{name} must be {_allowed(low, high, above, below, optional)}, "
+                                 f"got {value!r}{_why_not(value)}")
+
+    def integer(self, name: str, *, low: int, optional: bool = False) -> None:
+        """An int >= ``low`` (not a bool, not a float such as 2.5 or 3.0)."""
+        value = self._value(name)
+        if optional and value is None:
+            return
+        if not (isinstance(value, numbers.Integral) and _is_number(value) and value >= low):
+            extra = " or None" if optional else ""
+            self.problems.append(f"{name} must be an int >= {low}{extra}, got {value!r}{_why_not(value)}")
+
+    def flag(self, name: str) -> None:
+        """A bool: ``amp: "no"`` is a non-empty string, which Python would take for True."""
+        value = self._value(name)
+        if not isinstance(value, bool):
+            self.problems.append(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
+
+    def choice(self, name: str, choices: Iterable[str], note: str = "") -> None:
+        """One of ``choices``; ``note`` says what they mean, after the list."""
+        value, choices = self._value(name), tuple(choices)
+        if not (isinstance(value, str) and value in choices):
+            self.problems.append(f"{name}={value!r}; valid: {', '.join(choices)}{f' ({note})' if note else ''}")
+
+    def grid(self, name: str, *, low: float | None = None, high: float | None = None,
+             above: float | None = None) -> bool:
+        """A non-empty list of finite numbers within the bounds; True when it is one."""
+        value = self._value(name)
+        allowed = f"a non-empty list of {_allowed(low, high, above, None, False, plural=True)}"
+        if isinstance(value, str) or _is_number(value):  # "0.5" would otherwise be read as "0", ".", "5"
+            self.problems.append(f"{name} must be {allowed}, got {value!r} (a single "
+                                 f"{_type_name(value, article=False)}, not a list; write [{value}])")
+            return False
+        if not isinstance(value, (tuple, list)) or len(value) == 0:
+            self.problems.append(f"{name} must be {allowed}, got {value!r}")
+            return False
+        for v in value:
+            if not (_is_number(v) and math.isfinite(v)):
+                why = "not finite" if _is_number(v) else f"not a number{_why_not(v)}"
+            elif not ((low is None or v >= low) and (high is None or v <= high) and (above is None or v > above)):
+                why = "out of range"
+            else:
+                continue
+            self.problems.append(f"{name} must be {allowed}, got {value!r}: {v!r} is {why}")
+            return False
+        return True
+
+    def add(self, problem: str | None) -> None:
+        """A problem found by a check of the config's own (relations between fields); None: no problem."""
+        if problem:
+            self.problems.append(problem)
+
+    def raise_any(self) -> None:
+        if self.problems:
+            raise ValueError(f"invalid {type(self.config).__name__}: " + "; ".join(self.problems))
+
+
+def _allowed(low: float | None, high: float | None, above: float | None, below: float | None,
+             optional: bool, plural: bool = False) -> str:
+    """"a finite number > 0", "a number in [0, 1]", ... for `FieldChecks` messages."""
+    noun = "finite numbers" if plural else "a finite number"
+    if low is not None and high is not None:
+        text = f"{'numbers' if plural else 'a number'} in [{low:g}, {high:g}]"
+    elif low is not None and below is not None:
+        text = f"{'numbers' if plural else 'a number'} in [{low:g}, {below:g})"
+    else:
+        bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+                  f"<= {high:g}" if high is not None else "", f"< {below:g}" if below is not None else ""]
+        text = " ".join([noun, *[b for b in bounds if b]])
+    return text + (" or None" if optional else "")
 
 
 def config_from_dict(config_class: type, overrides: dict[str, Any], what: str) -> Any:
@@ -214,12 +354,82 @@ def config_from_dict(config_class: type, overrides: dict[str, Any], what: str) -
     return config_class(**overrides)
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training reached a non-finite loss or parameter: the run stops, rather than end at chance and be
+    recorded as a result. The message names the method, the epoch and the likely cause."""
+
+    def __init__(self, message: str, *, method: str = "", epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.method, self.epoch = method, epoch
+
+
+class TrainingWarning(UserWarning):
+    """A method fell back (e.g. left out non-finite points of a validation sweep): said on the console,
+    and recorded in the method's ``chosen``."""
+
+
+def likely_cause(lr: float, weight_decay: float = 0.0, amp: bool = False) -> str:
+    """The likeliest reason a training went non-finite, for `TrainingDivergedError` messages.
+
+    A learning rate of 1 or more is far above any these methods use, so it is named first. Below it, a
+    decoupled decay step multiplies the weights by ``1 - lr * weight_decay``: at ``lr * weight_decay >= 1``
+    every step overshoots and the weights blow up whatever the loss.
+    """
+    fp16 = "; or fp16 overflow under mixed precision (try amp=false)" if amp else ""
+    if lr >= 1.0:
+        return f"learning rate {lr:g} too high (the methods' defaults are about 1e-3){fp16}"
+    if lr * weight_decay >= 1.0:
+        return (f"weight_decay {weight_decay:g} too large (lr x weight_decay = {lr * weight_decay:g} >= 1: "
+                "every decay step overshoots)")
+    return (f"learning rate {lr:g} too high or weight_decay {weight_decay:g} too large, or non-finite cached "
+            f"features{fp16}")
+
+
+def check_epoch(method: str, epoch: int, epochs: int, loss: float, params: Iterable[Tensor], *,
+                lr: float, weight_decay: float = 0.0, amp: bool = False) -> None:
+    """Stop a training whose mean loss or parameters are no longer finite after ``epoch`` (1-based).
+
+    NaN never recovers: every later step reads it. Checked once per epoch (one sync per tensor), so
+    the cost is nothing next to the epoch; the values trained are untouched.
+    """
+    if not math.isfinite(loss):
+        what = f"the mean training loss is {loss}"
+    elif not all(bool(torch.isfinite(p).all()) for p in params):
+        what = "the trained parameters hold NaN or inf"
+    else:
+        return
+    raise TrainingDivergedError(
+        f"{method}: training diverged at epoch {epoch} of {epochs}: {what}. Likely cause: "
+        f"{likely_cause(lr, weight_decay, amp)}. No result is recorded for a diverged run.",
+        method=method, epoch=epoch)
+
+
+def loss_warnings(method: str, losses: Sequence[float], num_classes: int, what: str = "training loss") -> list[str]:
+    """Warnings for a training that did not fit: its loss ended above where it started, or at ``ln K``
+    (uniform logits: the model collapsed to chance). Not errors: low learning rates and 1-shot runs
+    can end above their start too."""
+    if len(losses) < 2:
+        return []
+    first, last, chance = losses[0], losses[-1], math.log(num_classes) if num_classes > 1 else None
+    collapsed = chance is not None and abs(last - chance) < 1e-3 and abs(first - chance) >= 1e-3
+    if not (collapsed or last > first):
+        return []
+    trend = f"{what} went {first:.4g} -> {last:.4g} over {len(losses)} epochs"
+    if collapsed:
+        return [f"{method}: {trend}, which is ln {num_classes} = {chance:.4f}, the loss of uniform logits: the "
+                "model collapsed to chance (learning rate too high?)"]
+    return [f"{method}: {trend}: the loss ended above where it started (learning rate too high? a low "
+            "one or a 1-shot run can do this too)"]
+
+
 class FewShotMethod(ABC):
     """Fit on few-shot train + validation, then predict test logits.
 
     Subclasses set ``name`` and ``config_class`` and fill ``self.chosen`` during `fit` with every
     hyperparameter they selected on validation (JSON-serialisable), so a run record can say why a
-    number came out as it did.
+    number came out as it did. Trained methods add to ``self.training_warnings`` (`loss_warnings`)
+    what a record should flag without failing the run; a non-finite training raises
+    `TrainingDivergedError`.
     """
 
     name: ClassVar[str]
@@ -239,6 +449,7 @@ class FewShotMethod(ABC):
             )
         self.config = config
         self.chosen: dict[str, Any] = {}
+        self.training_warnings: list[str] = []
         self._fitted = False
 
     def fit(self, data: FewShotData) -> "FewShotMethod":
@@ -246,6 +457,8 @@ class FewShotMethod(ABC):
         if not isinstance(data, FewShotData):
             raise TypeError(f"fit takes a FewShotData (train, val, head), got {type(data).__name__}")
         self.chosen = {}
+        self.training_warnings = []
+        self._fitted = False
         self._fit(data)
         self._fitted = True
         return self
@@ -266,7 +479,13 @@ class FewShotMethod(ABC):
             labels=torch.zeros_like(test.labels), pooled=test.pooled, dense=test.dense
         )
         with torch.no_grad():
-            return self._predict(hidden).float()
+            logits = self._predict(hidden).float()
+        nan_rows = int(torch.isnan(logits).any(dim=-1).sum())
+        if nan_rows:  # -inf is allowed: a probe gives it to classes it never saw
+            raise FloatingPointError(
+                f"{self.name}: {nan_rows} of {len(logits)} images got NaN logits although the fit was finite: "
+                "their features (or the fitted model on them) are not finite; check the feature cache")
+        return logits
 
     @abstractmethod
     def _fit(self, data: FewShotData) -> None: ...

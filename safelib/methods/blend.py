@@ -14,6 +14,7 @@ paper's full text was not available). Each attnpool pools the evaluation set onc
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -21,16 +22,25 @@ import torch
 import torch.nn.functional as F
 
 from ..clip.text import class_logits  # CLIP's logits; imported from here by safe.py and classifier.py
+from .base import TrainingWarning
 
 DEFAULT_BLEND_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def blend_features(f_ft: torch.Tensor, f_orig: torch.Tensor, blend: float) -> torch.Tensor:
-    """Unit-norm blend N x D of fine-tuned and original features N x D (differentiable)."""
+    """Unit-norm blend N x D of fine-tuned and original features N x D (differentiable).
+
+    At ``blend = 0`` the fine-tuned term is left out rather than multiplied by 0: ``0 * NaN`` is NaN,
+    and blend 0 must give CLIP's features whatever the fine-tuned pooling holds. For finite features
+    the result is the same bits either way (adding ``0 * x`` changes nothing).
+    """
     if f_ft.shape != f_orig.shape:
         raise ValueError(f"f_ft {tuple(f_ft.shape)} and f_orig {tuple(f_orig.shape)} must have one shape")
     _check_blend(blend)
-    return F.normalize(blend * F.normalize(f_ft, dim=-1) + (1 - blend) * F.normalize(f_orig, dim=-1), dim=-1)
+    mixed = (1 - blend) * F.normalize(f_orig, dim=-1)
+    if blend != 0:
+        mixed = blend * F.normalize(f_ft, dim=-1) + mixed
+    return F.normalize(mixed, dim=-1)
 
 
 def _check_blend(blend: float) -> None:
@@ -50,16 +60,24 @@ class BlendPoint:
 
 @dataclass(frozen=True)
 class BlendChoice:
-    """The chosen weight, how it was chosen ("validation" or "fixed") and the whole sweep behind it."""
+    """The chosen weight, how it was chosen ("validation" or "fixed") and the whole sweep behind it.
+
+    ``fallback`` says which blends were left out of the choice because their validation logits were
+    not finite (a fine-tuned pooling that is NaN on some image); None when every point counted.
+    """
 
     blend: float
     selected_by: str
     sweep: tuple[BlendPoint, ...] = ()
+    fallback: str | None = None
 
     def as_record(self) -> dict:
-        """Plain values for a run record."""
-        return {"blend": self.blend, "selected_by": self.selected_by,
-                "sweep": [vars(p).copy() for p in self.sweep]}
+        """Plain values for a run record (``fallback`` only when there was one)."""
+        record = {"blend": self.blend, "selected_by": self.selected_by,
+                  "sweep": [vars(p).copy() for p in self.sweep]}
+        if self.fallback is not None:
+            record["fallback"] = self.fallback
+        return record
 
 
 @torch.no_grad()
@@ -83,11 +101,26 @@ def sweep_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, 
 
 def choose_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, text_weights: torch.Tensor,
                  logit_scale: float, grid: Sequence[float] = DEFAULT_BLEND_GRID) -> BlendChoice:
-    """The grid's best ``blend`` on validation features: accuracy, then lower CE, then nearer 0.5."""
+    """The grid's best ``blend`` on validation features: accuracy, then lower CE, then nearer 0.5.
+
+    Points whose cross-entropy is not finite (NaN fine-tuned features) are left out, with a
+    `TrainingWarning` and a note in the choice's ``fallback``; blend 0 needs only CLIP's features,
+    so it stays a candidate. If no point is finite the validation features themselves are broken.
+    """
     sweep = sweep_blend(f_ft, f_orig, labels, text_weights, logit_scale, grid)
+    finite = [p for p in sweep if math.isfinite(p.cross_entropy)]
+    if not finite:
+        raise ValueError("every blend gives non-finite validation logits, so CLIP's own (original) validation "
+                         "features are not finite: check the feature cache")
+    fallback = None
+    if len(finite) < len(sweep):
+        left_out = [p.blend for p in sweep if not math.isfinite(p.cross_entropy)]
+        fallback = (f"blends {left_out} were left out of the choice: the fine-tuned pooling gives non-finite "
+                    f"validation logits there; chosen among {[p.blend for p in finite]}")
+        warnings.warn(f"SAFE: {fallback}", TrainingWarning, stacklevel=2)
     # CE compared to 1e-6 relative: float noise must not outrank the 0.5 rule
-    best = min(sweep, key=lambda p: (-p.correct, _round_rel(p.cross_entropy), abs(p.blend - 0.5)))
-    return BlendChoice(best.blend, "validation", sweep)
+    best = min(finite, key=lambda p: (-p.correct, _round_rel(p.cross_entropy), abs(p.blend - 0.5)))
+    return BlendChoice(best.blend, "validation", sweep, fallback)
 
 
 def fixed_blend(blend: float) -> BlendChoice:

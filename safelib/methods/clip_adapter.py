@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..clip.text import class_logits
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split, select_best
+from .base import (FewShotData, FewShotMethod, MethodConfig, FieldChecks, SplitFeatures, eval_view, loss_warnings,
+                   pool_split, select_best)
 from .feature_training import seeded, train_on_views, train_sgd_random_views
-from .reference import COOP, check_preset, require_resolved
+from .reference import COOP, preset_problem, require_resolved
 
 TRAINERS = ("adamw", "coop")
 
@@ -81,16 +82,15 @@ class ClipAdapterConfig(MethodConfig):
     preset: str = "ours"  # or "reference" (see the module docstring)
 
     def __post_init__(self) -> None:
-        check_preset(self.preset)
-        if self.trainer not in TRAINERS:
-            raise ValueError(f"trainer must be one of {TRAINERS} (ours, or CoOp's SGD trainer), got {self.trainer!r}")
-        if len(self.ratios) == 0 or any(not 0.0 <= r <= 1.0 for r in self.ratios):
-            raise ValueError(f"ratios must be a non-empty tuple of values in [0, 1], got {self.ratios!r}")
+        check = FieldChecks(self)
+        check.add(preset_problem(self.preset))
+        check.choice("trainer", TRAINERS, "ours, or CoOp's SGD trainer")
+        check.grid("ratios", low=0.0, high=1.0)
         for name in ("reduction", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+            check.integer(name, low=1)
+        check.number("lr", above=0.0)
+        check.number("weight_decay", low=0.0)
+        check.raise_any()
 
 
 class ClipAdapter(FewShotMethod):
@@ -110,6 +110,7 @@ class ClipAdapter(FewShotMethod):
                 head = ClipAdapterHead(data.head.classifier, data.head.logit_scale, ratio, cfg.reduction)
             head = head.to(train.device)
             losses.append(self._train(head, train, data))
+            self.training_warnings += loss_warnings(f"{self.name} (ratio {ratio})", losses[-1], data.head.num_classes)
             head.eval()
             with torch.no_grad():
                 val_logits.append(head(val))
@@ -130,10 +131,10 @@ class ClipAdapter(FewShotMethod):
             return train_sgd_random_views(
                 params, head, train, data.train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                 momentum=COOP.momentum, weight_decay=cfg.weight_decay, warmup_epochs=COOP.warmup_epochs,
-                warmup_lr=COOP.warmup_lr, seed=data.seed,
+                warmup_lr=COOP.warmup_lr, seed=data.seed, method=self.name,
             )
         return train_on_views(params, head, train, data.train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=data.seed)
+                              lr=cfg.lr, weight_decay=cfg.weight_decay, seed=data.seed, method=self.name)
 
     def _predict(self, test: SplitFeatures) -> Tensor:
         features = eval_view(pool_split(test, self._head, self._pool_batch)).float()

@@ -28,9 +28,10 @@ from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 from ..clip.text import class_logits
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures, eval_view, pool_split
+from .base import (FewShotData, FewShotMethod, FieldChecks, MethodConfig, SplitFeatures, eval_view, loss_warnings,
+                   pool_split)
 from .feature_training import seeded, train_sgd_random_views
-from .reference import COOP, check_preset, coop_epochs, require_resolved
+from .reference import COOP, coop_epochs, preset_problem, require_resolved
 
 
 class PromptLearner(nn.Module):
@@ -100,18 +101,17 @@ class CoopConfig(MethodConfig):
     preset: str = "ours"
 
     def __post_init__(self) -> None:
-        check_preset(self.preset)
+        check = FieldChecks(self)
+        check.add(preset_problem(self.preset))
         for name in ("n_ctx", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be a positive integer or None (CoOp's schedule), got {self.epochs!r}")
-        if self.lr <= 0 or self.warmup_lr <= 0 or self.init_std <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr, warmup_lr and init_std must be > 0 and weight_decay >= 0, got lr={self.lr}, "
-                             f"warmup_lr={self.warmup_lr}, init_std={self.init_std}, weight_decay={self.weight_decay}")
-        if self.warmup_epochs < 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"warmup_epochs must be >= 0 and momentum in [0, 1), got {self.warmup_epochs}, "
-                             f"{self.momentum}")
+            check.integer(name, low=1)
+        check.integer("epochs", low=1, optional=True)  # None: CoOp's schedule for the shots
+        check.integer("warmup_epochs", low=0)
+        for name in ("lr", "warmup_lr", "init_std"):
+            check.number(name, above=0.0)
+        check.number("weight_decay", low=0.0)
+        check.number("momentum", low=0.0, below=1.0)
+        check.raise_any()
 
 
 class Coop(FewShotMethod):
@@ -142,8 +142,9 @@ class Coop(FewShotMethod):
         losses = train_sgd_random_views(
             [learner.ctx], logits_fn, train, data.train.labels, epochs=epochs, batch_size=cfg.batch_size,
             lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, seed=data.seed,
+            warmup_lr=cfg.warmup_lr, seed=data.seed, method=self.name,
         )
+        self.training_warnings += loss_warnings(self.name, losses, data.head.num_classes)
         with torch.no_grad():
             text = encode_prompt_embeddings(model, learner(), learner.tokens).float()
         self._text = F.normalize(text, dim=-1).t().contiguous()  # D x K

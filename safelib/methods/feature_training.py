@@ -4,6 +4,9 @@ CLIP-Adapter and Tip-Adapter-F both train a few parameters on frozen, cached poo
 Epoch ``e`` reads augmented view ``e mod V``: the cache holds V augmented views of each training
 image, so cycling through them is what a fresh augmentation per epoch would have given
 (Tip-Adapter-F draws one augmentation per epoch in the same way).
+
+Both loops stop with `TrainingDivergedError` when the loss or the parameters stop being finite
+(``check_epoch``, named by ``method``): a diverged adapter would otherwise predict at chance.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .base import check_epoch
 
 
 @contextlib.contextmanager
@@ -36,13 +41,14 @@ def train_on_views(
     weight_decay: float,
     seed: int,
     eps: float = 1e-8,
+    method: str = "train_on_views",
 ) -> list[float]:
     """Cross-entropy training with AdamW and a cosine schedule; returns the mean loss per epoch.
 
-    ``views`` is ``V x N x D`` (features already in the form ``logits_fn`` expects).
+    ``views`` is ``V x N x D`` (features already in the form ``logits_fn`` expects); ``method`` names
+    the caller in a `TrainingDivergedError`.
     """
-    if views.ndim != 3 or views.shape[1] != labels.shape[0]:
-        raise ValueError(f"views must be V x N x D with N = {labels.shape[0]}, got {tuple(views.shape)}")
+    _check_views(method, views, labels)
     n = views.shape[1]
     steps_per_epoch = -(-n // batch_size)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
@@ -63,7 +69,16 @@ def train_on_views(
             schedule.step()
             total += loss.item() * index.numel()
         losses.append(total / n)
+        check_epoch(method, epoch + 1, epochs, losses[-1], params, lr=lr, weight_decay=weight_decay)
     return losses
+
+
+def _check_views(method: str, views: Tensor, labels: Tensor) -> None:
+    """Shape, and finiteness: a NaN in the cache must not pass for a diverged learning rate."""
+    if views.ndim != 3 or views.shape[1] != labels.shape[0]:
+        raise ValueError(f"views must be V x N x D with N = {labels.shape[0]}, got {tuple(views.shape)}")
+    if not bool(torch.isfinite(views).all()):
+        raise ValueError(f"{method}: the cached training features hold NaN or inf; rebuild the feature cache")
 
 
 def dassl_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -88,13 +103,13 @@ def train_sgd_random_views(
     warmup_epochs: int,
     warmup_lr: float,
     seed: int,
+    method: str = "train_sgd_random_views",
 ) -> list[float]:
     """CoOp's trainer on cached features: SGD, Dassl's warm-up + per-epoch cosine, shuffled batches
     with the last short batch dropped when there are at least ``batch_size`` samples (Dassl's
     ``drop_last``). Each sample of each step reads a random one of its V cached views: the
     practical equivalent of CoOp's fresh augmentation per step. Returns the mean loss per epoch."""
-    if views.ndim != 3 or views.shape[1] != labels.shape[0]:
-        raise ValueError(f"views must be V x N x D with N = {labels.shape[0]}, got {tuple(views.shape)}")
+    _check_views(method, views, labels)
     num_views, n = views.shape[0], views.shape[1]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -117,4 +132,5 @@ def train_sgd_random_views(
             total += loss.item() * index.numel()
             seen += index.numel()
         losses.append(total / seen)
+        check_epoch(method, epoch + 1, epochs, losses[-1], params, lr=lr, weight_decay=weight_decay)
     return losses

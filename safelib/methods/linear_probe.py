@@ -30,9 +30,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from .base import (FewShotData, FewShotMethod, MethodConfig, SplitFeatures, accuracy, eval_view, pool_split,
-                   select_best)
+from .base import (FewShotData, FewShotMethod, FieldChecks, MethodConfig, SplitFeatures, TrainingDivergedError,
+                   accuracy, eval_view, pool_split, select_best)
 from .reference import LPCLIP
+
+# log10 C beyond this is no regularisation or nothing but regularisation, and 10.0**400 overflows.
+MAX_LOG10_C = 20.0
 
 
 @dataclass(frozen=True)
@@ -46,16 +49,16 @@ class LinearProbeAugConfig(MethodConfig):
     views: str = "all"  # "all": every augmented view is a sample; "mean": one mean feature per shot
 
     def __post_init__(self) -> None:
-        if self.views not in ("all", "mean"):
-            raise ValueError(f"views must be 'all' or 'mean', got {self.views!r}")
-        if len(self.coarse_exponents) == 0:
-            raise ValueError("coarse_exponents must list at least one log10(C), e.g. (-6, -4, ..., 6)")
-        if self.refine_halfwidth < 0 or self.refine_step <= 0:
-            raise ValueError(
-                f"refine_halfwidth must be >= 0 and refine_step > 0, got {self.refine_halfwidth}, {self.refine_step}"
-            )
-        if self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter}")
+        check = FieldChecks(self)
+        check.choice("views", ("all", "mean"))
+        check.grid("coarse_exponents", low=-MAX_LOG10_C, high=MAX_LOG10_C)  # log10(C), e.g. (-6, -4, ..., 6)
+        check.number("refine_halfwidth", low=0.0, high=MAX_LOG10_C)
+        check.number("refine_step", above=0.0)
+        check.integer("max_iter", low=1)
+        if not check.problems and self.refine_halfwidth / self.refine_step > 100:
+            check.add(f"refine_halfwidth / refine_step must be at most 100 (fits either side of the coarse best), "
+                      f"got {self.refine_halfwidth} / {self.refine_step}")
+        check.raise_any()
 
 
 class LinearProbeAug(FewShotMethod):
@@ -102,6 +105,9 @@ class LinearProbeAug(FewShotMethod):
             # sweep then simply prefers a smaller C, so the warning is noise here.
             warnings.simplefilter("ignore", ConvergenceWarning)
             model.fit(x, y)
+        if not (np.isfinite(model.coef_).all() and np.isfinite(model.intercept_).all()):
+            raise TrainingDivergedError(f"{self.name}: the logistic regression at C={c:g} has non-finite weights "
+                                        "(non-finite cached features, or an extreme C)", method=self.name)
         return model
 
     def _logits(self, model: LogisticRegression, x: np.ndarray) -> Tensor:
@@ -134,10 +140,12 @@ class LinearProbeConfig(MethodConfig):
     max_iter: int = LPCLIP.max_iter
 
     def __post_init__(self) -> None:
-        if len(self.coarse_c) == 0 or any(not c > 0 for c in self.coarse_c):
-            raise ValueError(f"coarse_c must list positive values of C, got {self.coarse_c!r}")
-        if self.num_step < 0 or self.max_iter < 1:
-            raise ValueError(f"num_step must be >= 0 and max_iter >= 1, got {self.num_step}, {self.max_iter}")
+        check = FieldChecks(self)
+        if check.grid("coarse_c", above=0.0) and not all(abs(math.log10(c)) <= MAX_LOG10_C for c in self.coarse_c):
+            check.add(f"coarse_c must lie in [1e-{MAX_LOG10_C:g}, 1e{MAX_LOG10_C:g}], got {self.coarse_c!r}")
+        check.integer("num_step", low=0)
+        check.integer("max_iter", low=1)
+        check.raise_any()
 
 
 class LinearProbe(LinearProbeAug):

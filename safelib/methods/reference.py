@@ -170,11 +170,20 @@ def reference_label(dataset: str | None) -> str:
     return f"reference:{dataset if dataset in TIP_ADAPTER else FALLBACK_DATASET}"
 
 
-def check_preset(preset: str) -> None:
-    """Allowed: "ours", "reference", or a resolved "reference:<dataset>" (what a run records)."""
+def preset_problem(preset: str) -> str | None:
+    """What is wrong with a ``preset`` value, or None. Allowed: "ours", "reference", or a resolved
+    "reference:<dataset>" (what a run records)."""
     if not isinstance(preset, str) or not (preset in PRESETS or preset.startswith("reference:")):
-        raise ValueError(f"preset must be 'ours' or 'reference' (the reference repository's settings for the "
-                         f"run's dataset), got {preset!r}")
+        return (f"preset must be 'ours' or 'reference' (the reference repository's settings for the "
+                f"run's dataset), got {preset!r}")
+    return None
+
+
+def check_preset(preset: str) -> None:
+    """Raise ``ValueError`` for a ``preset`` that `preset_problem` refuses."""
+    problem = preset_problem(preset)
+    if problem:
+        raise ValueError(problem)
 
 
 def require_resolved(config: MethodConfig, method: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from ..clip.attnpool import attention_pool
 from ..features.augment import FEATURE_AUGMENTS, augment_generator, augment_maps
 from ..features.extract import pooled_features
 from ..features.maps import DenseMaps, MapsLike
-from .base import FewShotData, FewShotMethod, MethodConfig, SplitFeatures
+from .base import FewShotData, FewShotMethod, FieldChecks, MethodConfig, SplitFeatures, check_epoch, loss_warnings
 from .blend import DEFAULT_BLEND_GRID, blend_features, choose_blend, class_logits, fixed_blend
 
 # Trainable tensor sets, by attnpool submodule / parameter name prefix.
@@ -84,32 +83,24 @@ class SafeConfig(MethodConfig):
         return self
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "blend_grid", tuple(float(b) for b in self.blend_grid))
-        problems = []
+        check = FieldChecks(self)
+        if check.grid("blend_grid", low=0.0, high=1.0):
+            object.__setattr__(self, "blend_grid", tuple(float(b) for b in self.blend_grid))
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be an int >= 1, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.decay_to not in DECAY_TARGETS:
-            problems.append(f"decay_to={self.decay_to!r}; valid: {', '.join(DECAY_TARGETS)}")
-        if self.trainable not in TRAINABLE_SETS:
-            problems.append(f"trainable={self.trainable!r}; valid: {', '.join(TRAINABLE_SETS)}")
-        if self.feature_augment not in FEATURE_AUGMENTS:
-            problems.append(f"feature_augment={self.feature_augment!r}; valid: {', '.join(FEATURE_AUGMENTS)}")
-        if self.loss_on not in LOSS_TARGETS:
-            problems.append(f"loss_on={self.loss_on!r}; valid: {', '.join(LOSS_TARGETS)}")
-        for name in ("train_blend", "blend"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
-                problems.append(f"{name} must be in [0, 1], got {value!r}")
-        if not self.blend_grid or any(not 0 <= b <= 1 for b in self.blend_grid):
-            problems.append(f"blend_grid must be a non-empty list of values in [0, 1], got {self.blend_grid}")
-        if problems:
-            raise ValueError("invalid SafeConfig: " + "; ".join(problems))
+            check.integer(name, low=1)
+        check.number("lr", above=0.0)
+        check.number("weight_decay", low=0.0)
+        check.choice("decay_to", DECAY_TARGETS)
+        check.choice("trainable", TRAINABLE_SETS)
+        check.choice("feature_augment", FEATURE_AUGMENTS)
+        check.choice("loss_on", LOSS_TARGETS)
+        check.number("train_blend", low=0.0, high=1.0)
+        check.number("blend", low=0.0, high=1.0, optional=True)
+        check.flag("amp")
+        if self.loss_on == "blended" and self.train_blend == 0:
+            check.add("train_blend must be > 0 with loss_on='blended': at 0 the loss does not see the fine-tuned "
+                      "pooling, so nothing would train")
+        check.raise_any()
 
 
 def trainable_attnpool(attnpool: nn.Module, trainable: str = "all") -> nn.Module:
@@ -195,12 +186,13 @@ class SafeTraining:
 
 def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weights: Tensor,
                logit_scale: float, config: SafeConfig | None = None, seed: int = 1,
-               progress: bool = False) -> SafeTraining:
+               progress: bool = False, method: str = "safe") -> SafeTraining:
     """Fine-tune a copy of ``attnpool`` on cached dense maps; ``attnpool`` itself is left untouched.
 
     dense: views x N x C x H x W, a ``DenseMaps`` or anything ``DenseMaps.of`` takes (a tensor
     anywhere, a ``CacheEntry``); training runs on ``attnpool``'s device. Each epoch shows every
     image once, through a cached view drawn at random. Deterministic under ``seed`` on a CPU.
+    A non-finite loss or weight after an epoch raises `TrainingDivergedError` naming ``method``.
     """
     config = SafeConfig() if config is None else config
     maps = DenseMaps.of(dense)
@@ -214,7 +206,7 @@ def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weight
     augment_rng = augment_generator(seed)  # its own stream: "none" draws exactly as before
     result = SafeTraining(step.pool)
     start_time = time.perf_counter()
-    for _ in tqdm(range(config.epochs), desc="SAFE epochs", disable=not progress):
+    for epoch in tqdm(range(config.epochs), desc="SAFE epochs", disable=not progress):
         order = torch.randperm(n, generator=generator)
         view_of_row = torch.randint(maps.num_views, (n,), generator=generator)  # a fresh cached view per image
         total_loss, correct = 0.0, 0
@@ -225,6 +217,8 @@ def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weight
             correct += int((logits.argmax(-1) == target).sum())
         result.losses.append(total_loss / n)
         result.accuracies.append(100.0 * correct / n)
+        check_epoch(method, epoch + 1, config.epochs, result.losses[-1], step.trainable, lr=config.lr,
+                    weight_decay=config.weight_decay, amp=step.use_amp)
     result.seconds = time.perf_counter() - start_time
     step.pool.eval()
     for p in step.pool.parameters():
@@ -269,7 +263,8 @@ class Safe(FewShotMethod):
                                  "pooled features: cache it with kind='dense'")
         config = self.config
         self.training = train_safe(head.attnpool, data.train.dense, data.train.labels, head.classifier,
-                                   head.logit_scale, config, seed=data.seed)
+                                   head.logit_scale, config, seed=data.seed, method=self.name)
+        self.training_warnings += loss_warnings(self.name, self.training.losses, head.num_classes)
         self.original, self.head = head.attnpool, head
         if config.blend is not None:
             self.blend = fixed_blend(config.blend)

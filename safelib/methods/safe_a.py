@@ -21,8 +21,9 @@ Tip-Adapter numbers: see ``safelib.methods.tip_adapter``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -32,8 +33,10 @@ from .base import (
     ClipHead,
     FewShotData,
     FewShotMethod,
+    FieldChecks,
     MethodConfig,
     SplitFeatures,
+    TrainingDivergedError,
     config_from_dict,
     best_index,
     validation_scores,
@@ -70,9 +73,10 @@ class SafeAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "safe", _nested(self.safe, SafeConfig, "safe"))
-        object.__setattr__(self, "blends", tuple(float(b) for b in self.blends))
-        if not self.blends or any(not 0.0 <= b <= 1.0 for b in self.blends):
-            raise ValueError(f"blends must be a non-empty tuple of values in [0, 1], got {self.blends!r}")
+        check = FieldChecks(self)
+        if check.grid("blends", low=0.0, high=1.0):
+            object.__setattr__(self, "blends", tuple(float(b) for b in self.blends))
+        check.raise_any()
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,9 @@ class SafeA(FewShotMethod):
 
     def _fit(self, data: FewShotData) -> None:
         cfg = self.config
-        self.safe = Safe(cfg.safe).fit(data)  # trained first, then frozen
+        with _stage(self.name, "in its SAFE stage"):
+            self.safe = Safe(cfg.safe).fit(data)  # trained first, then frozen
+        self.training_warnings += [f"{self.name}, SAFE stage: {w}" for w in self.safe.training_warnings]
         # Pool every view once with each attnpool; blends then cost only a mix.
         train_ft, train_orig = self._pool_views(data.train.dense)  # V x N x D each
         val_ft, val_orig = self.safe.pool_both(data.val.dense.eval_view())  # N x D each
@@ -113,7 +119,9 @@ class SafeA(FewShotMethod):
         for b in cfg.blends:
             train = SplitFeatures(labels=data.train.labels, pooled=_blend_views(train_ft, train_orig, b))
             val = SplitFeatures(labels=data.val.labels, pooled=blend_features(val_ft, val_orig, b)[None])
-            adapter = self.adapter_class(cfg.adapter).fit(FewShotData(train, val, head, seed=data.seed))
+            with _stage(self.name, f"in its adapter at blend {b}"):
+                adapter = self.adapter_class(cfg.adapter).fit(FewShotData(train, val, head, seed=data.seed))
+            self.training_warnings += [f"{self.name}, blend {b}: {w}" for w in adapter.training_warnings]
             score = validation_scores(adapter.predict(val), data.val.labels)
             fitted.append(adapter)
             scores.append(score)
@@ -145,6 +153,15 @@ class SafeAClipAdapter(SafeA):
     name = "safe_a_clip_adapter"
     config_class = SafeAClipAdapterConfig
     adapter_class = ClipAdapter
+
+
+@contextlib.contextmanager
+def _stage(method: str, stage: str) -> Iterator[None]:
+    """Name SAFE-A and its stage in a `TrainingDivergedError` raised by SAFE or the adapter inside it."""
+    try:
+        yield
+    except TrainingDivergedError as error:
+        raise TrainingDivergedError(f"{method}, {stage}: {error}", method=method, epoch=error.epoch) from error
 
 
 def _blend_views(f_ft: Tensor, f_orig: Tensor, blend: float) -> Tensor:

@@ -37,16 +37,18 @@ from ..clip.text import class_logits
 from .base import (
     FewShotData,
     FewShotMethod,
+    FieldChecks,
     MethodConfig,
     SplitFeatures,
     best_index,
     eval_view,
+    loss_warnings,
     one_hot,
     pool_split,
     batch_validation_scores,
 )
 from .feature_training import train_on_views
-from .reference import SELECTIONS, check_preset, require_resolved
+from .reference import SELECTIONS, preset_problem, require_resolved
 
 # Tip-Adapter's ImageNet, Pets and UCF101 ranges (beta up to 7, alpha up to 3), sampled more
 # coarsely, for every dataset; preset="reference" takes each dataset's own (reference.py).
@@ -88,13 +90,15 @@ class TipAdapterConfig(MethodConfig):
     selection: str = "few_shot_val"
 
     def __post_init__(self) -> None:
-        check_preset(self.preset)
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS} (never test), got {self.selection!r}")
+        check = FieldChecks(self)
+        self._check_fields(check)
+        check.raise_any()
+
+    def _check_fields(self, check: FieldChecks) -> None:
+        check.add(preset_problem(self.preset))
+        check.choice("selection", SELECTIONS, "the split alpha and beta are searched on; never test")
         for name in ("alphas", "betas"):
-            grid = getattr(self, name)
-            if len(grid) == 0 or any(not np.isfinite(v) or v < 0 for v in grid):
-                raise ValueError(f"{name} must be a non-empty tuple of finite values >= 0, got {grid!r}")
+            check.grid(name, low=0.0)
 
 
 @dataclass(frozen=True)
@@ -109,16 +113,14 @@ class TipAdapterFConfig(TipAdapterConfig):
     eps: float = 1e-4
     weight_decay: float = 0.01  # torch's AdamW default, which Tip-Adapter-F relies on
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _check_fields(self, check: FieldChecks) -> None:
+        super()._check_fields(check)
         for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0 or self.init_alpha < 0 or self.init_beta < 0:
-            raise ValueError(
-                f"lr and eps must be > 0, weight_decay, init_alpha and init_beta >= 0; got lr={self.lr}, "
-                f"eps={self.eps}, weight_decay={self.weight_decay}, init_alpha={self.init_alpha}, init_beta={self.init_beta}"
-            )
+            check.integer(name, low=1)
+        for name in ("lr", "eps"):
+            check.number(name, above=0.0)
+        for name in ("weight_decay", "init_alpha", "init_beta"):
+            check.number(name, low=0.0)
 
 
 def search_alpha_beta(
@@ -194,7 +196,8 @@ class TipAdapterF(TipAdapter):
         losses = train_on_views(
             [keys], logits_fn, train_views, data.train.labels,
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            eps=cfg.eps, seed=data.seed,
+            eps=cfg.eps, seed=data.seed, method=self.name,
         )
         self._keys = keys.detach()
         self.chosen["train_loss"] = losses
+        self.training_warnings += loss_warnings(self.name, losses, data.head.num_classes)
