@@ -167,6 +167,7 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
         "peak_memory_mb": stages.peak_memory_mb(),
         **provenance(),
         "device_name": _device_name(torch.device(config.device)),
+        "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if config.test_dataset is not None:
