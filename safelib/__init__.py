@@ -98,4 +98,4 @@ from .runs import RunConfig, RunConfigError, provenance, read_record, run, run_g
 from .runs.aggregate import aggregate, load_records, summary_table
 
 # --- book: figures and explorers ---
-from .book import plots, realcheck, widgets
+from .book import ablations, plots, realcheck, widgets

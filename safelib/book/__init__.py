@@ -2,6 +2,6 @@
 
 Top wing: it may import any other; nothing in the library imports it.
 """
-from . import plots, realcheck, widgets
+from . import ablations, plots, realcheck, widgets
 
-__all__ = ["plots", "realcheck", "widgets"]
+__all__ = ["ablations", "plots", "realcheck", "widgets"]

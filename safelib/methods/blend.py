@@ -25,6 +25,9 @@ from ..clip.text import class_logits  # CLIP's logits; imported from here by saf
 from .base import TrainingWarning
 
 DEFAULT_BLEND_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+# How the two poolings are mixed: their unit features (ours, above), or their logits (RAFT's
+# ``alpha * cls_logits + (1 - alpha) * clip_logits``, each logit ``logit_scale * cos(f, w_k)``).
+BLEND_BY = ("features", "logits")
 
 
 def blend_features(f_ft: torch.Tensor, f_orig: torch.Tensor, blend: float) -> torch.Tensor:
@@ -41,6 +44,22 @@ def blend_features(f_ft: torch.Tensor, f_orig: torch.Tensor, blend: float) -> to
     if blend != 0:
         mixed = blend * F.normalize(f_ft, dim=-1) + mixed
     return F.normalize(mixed, dim=-1)
+
+
+def blended_logits(f_ft: torch.Tensor, f_orig: torch.Tensor, text_weights: torch.Tensor, logit_scale: float,
+                   blend: float, by: str = "features") -> torch.Tensor:
+    """Logits N x K of the blend of fine-tuned and original features N x D, mixed ``by`` "features"
+    (``class_logits`` of ``blend_features``) or by "logits" (the mix of each pooling's own logits)."""
+    if by == "features":
+        return class_logits(blend_features(f_ft, f_orig, blend), text_weights.to(f_ft.device), logit_scale)
+    if by != "logits":
+        raise ValueError(f"by={by!r}; valid: {', '.join(BLEND_BY)}")
+    _check_blend(blend)
+    weights = text_weights.to(f_ft.device)
+    mixed = (1 - blend) * class_logits(f_orig, weights, logit_scale)
+    if blend != 0:  # as in blend_features: blend 0 is CLIP's logits whatever f_ft holds
+        mixed = blend * class_logits(f_ft, weights, logit_scale) + mixed
+    return mixed
 
 
 def _check_blend(blend: float) -> None:
@@ -82,8 +101,10 @@ class BlendChoice:
 
 @torch.no_grad()
 def sweep_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, text_weights: torch.Tensor,
-                logit_scale: float, grid: Sequence[float] = DEFAULT_BLEND_GRID) -> tuple[BlendPoint, ...]:
-    """Accuracy and cross-entropy at every ``blend`` in ``grid`` (features pooled once, reused)."""
+                logit_scale: float, grid: Sequence[float] = DEFAULT_BLEND_GRID,
+                by: str = "features") -> tuple[BlendPoint, ...]:
+    """Accuracy and cross-entropy at every ``blend`` in ``grid`` (features pooled once, reused), the
+    two poolings mixed ``by`` "features" or "logits" (`blended_logits`)."""
     if len(grid) == 0:
         raise ValueError("blend grid is empty; give at least one value in [0, 1]")
     if labels.ndim != 1 or len(labels) != len(f_ft):
@@ -92,7 +113,7 @@ def sweep_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, 
     labels = labels.to(f_ft.device)
     points = []
     for blend in grid:
-        logits = class_logits(blend_features(f_ft, f_orig, float(blend)), text_weights.to(f_ft.device), logit_scale)
+        logits = blended_logits(f_ft, f_orig, text_weights, logit_scale, float(blend), by)
         correct = int((logits.argmax(-1) == labels).sum())
         points.append(BlendPoint(float(blend), 100.0 * correct / len(labels), float(F.cross_entropy(logits, labels)),
                                  correct))
@@ -100,14 +121,14 @@ def sweep_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, 
 
 
 def choose_blend(f_ft: torch.Tensor, f_orig: torch.Tensor, labels: torch.Tensor, text_weights: torch.Tensor,
-                 logit_scale: float, grid: Sequence[float] = DEFAULT_BLEND_GRID) -> BlendChoice:
+                 logit_scale: float, grid: Sequence[float] = DEFAULT_BLEND_GRID, by: str = "features") -> BlendChoice:
     """The grid's best ``blend`` on validation features: accuracy, then lower CE, then nearer 0.5.
 
     Points whose cross-entropy is not finite (NaN fine-tuned features) are left out, with a
     `TrainingWarning` and a note in the choice's ``fallback``; blend 0 needs only CLIP's features,
     so it stays a candidate. If no point is finite the validation features themselves are broken.
     """
-    sweep = sweep_blend(f_ft, f_orig, labels, text_weights, logit_scale, grid)
+    sweep = sweep_blend(f_ft, f_orig, labels, text_weights, logit_scale, grid, by)
     finite = [p for p in sweep if math.isfinite(p.cross_entropy)]
     if not finite:
         raise ValueError("every blend gives non-finite validation logits, so CLIP's own (original) validation "

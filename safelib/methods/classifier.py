@@ -61,6 +61,9 @@ class SafeClassifier(nn.Module):
             raise TypeError(f"from_safe packages a fitted Safe method, got {type(method).__name__}")
         if not method.fitted:
             raise RuntimeError("fit the Safe method before packaging it")
+        if method.config.blend_by != "features" or method.config.background:
+            raise ValueError("SafeClassifier packages SAFE with feature blending and no background query; this Safe "
+                             f"has blend_by={method.config.blend_by!r}, background={method.config.background}")
         head = method.head
         classnames = head.classnames or tuple(f"class {k}" for k in range(head.num_classes))
         return cls(clip, method.training.attnpool, head.classifier, classnames, templates, method.blend.blend)

@@ -17,11 +17,15 @@ from .reference import (
     CLIP_ADAPTER,
     COOP,
     LATER_FIELDS,
+    RAFT,
+    RAFT_NOTE,
+    RAFT_REPO,
     check_preset,
     coop_epochs,
     reference_label,
     tip_adapter_settings,
 )
+from .safe import SafeConfig
 from .safe_a import SafeAConfig
 from .tip_adapter import TipAdapterConfig, TipAdapterFConfig
 
@@ -50,7 +54,11 @@ def resolve_preset(config: MethodConfig, dataset: str | None, shots: int | None 
     """
     if isinstance(config, SafeAConfig):
         adapter, fields = resolve_preset(config.adapter, dataset, shots, train_views)
-        return dataclasses.replace(config, adapter=adapter), ({"adapter": fields} if fields else {})
+        safe, safe_fields = _resolve_safe(config.safe)
+        fields = {**({"adapter": fields} if fields else {}), **({"safe": safe_fields} if safe_fields else {})}
+        return dataclasses.replace(config, adapter=adapter, safe=safe), fields
+    if isinstance(config, SafeConfig):
+        return _resolve_safe(config)
     if isinstance(config, TipAdapterConfig):
         return _resolve_tip(config, dataset, train_views)
     if isinstance(config, ClipAdapterConfig):
@@ -66,6 +74,19 @@ def without_later_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     (record name) of every earlier run stays what it was."""
     return {k: without_later_fields(v) if isinstance(v, Mapping) else v for k, v in values.items()
             if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
+def _resolve_safe(config: SafeConfig) -> tuple[SafeConfig, dict[str, Any]]:
+    """SAFE's config with RAFT's recipe filled in for ``preset="raft"``; "ours" comes back unchanged."""
+    if config.preset != "raft":
+        return config, {}
+    filled = dataclasses.replace(_fill(config, RAFT), preset="raft:resolved")
+    hand = sorted(k for k, v in RAFT.items() if getattr(filled, k) != v)
+    fields: dict[str, Any] = {"preset": "raft", "preset_source": RAFT_REPO, "preset_note": RAFT_NOTE,
+                              **{k: list(v) if isinstance(v, tuple) else v for k, v in RAFT.items()}}
+    if hand:
+        fields["preset_overridden"] = hand
+    return filled, fields
 
 
 def _resolve_tip(config: Any, dataset: str | None, train_views: int | None) -> tuple[Any, dict[str, Any]]:

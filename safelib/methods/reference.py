@@ -25,6 +25,12 @@ Sources (the numbers are facts read from these files; the code is ours):
                CoOp's trainer (``README.md:11,14``): CoOp's ``rn50.yaml`` recipe (200 epochs).
   Linear probe CoOp ``lpclip/feat_extractor.py:131,155`` (one un-augmented view, raw features),
                ``lpclip/linear_probe.py:25,54-118`` (val shots, C search).
+  RAFT         WideStars/RA-FT@dcf5115 ``trainer.py`` (losses, AdamW eps 1e-4, ``my_scheduler`` with
+               10 warm-up epochs, final lr 1e-6), ``train_datasets.py`` (lambda1 0.1, lambda2 0.5,
+               tau1 2, tau2 3), ``configs/<dataset>.yaml`` (lr 1e-4, 50 epochs, batch 64, alpha
+               searched in 50 steps over [0, 1]), ``eval.py`` (logit fusion), ``clip/MyPooling.py``
+               (background query), ``utils.py:clip_classifier`` (background prompt). AdamW's
+               weight decay is torch's default, 0.01 (the optimiser is built without one).
 """
 from __future__ import annotations
 
@@ -40,7 +46,22 @@ FALLBACK_DATASET = "imagenet"  # what "reference" means on a dataset the referen
 PRESETS = ("ours", "reference")
 SELECTIONS = ("few_shot_val", "full_val")
 # Method-config fields added with the presets, and the values that give the earlier behaviour.
-LATER_FIELDS = {"preset": "ours", "selection": "few_shot_val", "trainer": "adamw", "feature_augment": "none"}
+LATER_FIELDS = {"preset": "ours", "selection": "few_shot_val", "trainer": "adamw", "feature_augment": "none",
+                # SAFE's ablation knobs (issue 14)
+                "consistency": 0.0, "background": False, "ce_temperature": 1.0, "lr_warmup_epochs": 0,
+                "lr_min": 0.0, "adam_eps": 1e-8, "blend_by": "features"}
+
+RAFT_REPO = "WideStars/RA-FT@dcf5115"
+# RAFT's recipe as SafeConfig fields (the preset "raft"); see the module docstring for the sources.
+RAFT = {
+    "trainable": "all", "background": True, "consistency": 0.5, "ce_temperature": 2.0,
+    "lr": 1e-4, "adam_eps": 1e-4, "weight_decay": 0.01, "epochs": 50, "lr_warmup_epochs": 10, "lr_min": 1e-6,
+    "batch_size": 64, "blend_by": "logits", "blend_grid": tuple(round(i / 50, 2) for i in range(51)),
+}
+RAFT_NOTE = ("RAFT's class prompts are GPT-3 descriptions we do not ship: our prompt templates are used; its "
+             "background prompt is 'the background of {}.'; its augmentation (RandomResizedCrop 0.8-1 + flip per "
+             "epoch) is this run's cached train views; ties in the alpha search go to the lower validation "
+             "cross-entropy, then nearer 0.5 (RAFT: the lowest alpha)")
 
 
 def reference_grid(maximum: float, steps: int) -> tuple[float, ...]:

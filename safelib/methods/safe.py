@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -25,22 +26,32 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..clip.attnpool import attention_pool
+from ..clip.text import zero_shot_classifier
 from ..features.augment import FEATURE_AUGMENTS, augment_generator, augment_maps
 from ..features.extract import pooled_features
 from ..features.maps import DenseMaps, MapsLike
 from .base import FewShotData, FewShotMethod, FieldChecks, MethodConfig, SplitFeatures, check_epoch, loss_warnings
-from .blend import DEFAULT_BLEND_GRID, blend_features, choose_blend, class_logits, fixed_blend
+from .background import BackgroundPool, background_text
+from .blend import BLEND_BY, DEFAULT_BLEND_GRID, blend_features, blended_logits, choose_blend, class_logits, fixed_blend
+from .blend import sweep_blend
 
 # Trainable tensor sets, by attnpool submodule / parameter name prefix.
 TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
     "all": ("positional_embedding", "q_proj", "k_proj", "v_proj", "c_proj"),
     "attention": ("positional_embedding", "q_proj", "k_proj"),  # where the pooling looks
     "values": ("v_proj", "c_proj"),                             # what it reads out
+    "positional": ("positional_embedding",),                    # the ablations' smallest sets
+    "query": ("q_proj",),
 }
 # The key bias adds the same score to every token, so softmax cancels it: it never learns.
 INERT = ("k_proj.bias",)
 LOSS_TARGETS = ("finetuned", "blended")
 DECAY_TARGETS = ("zero", "pretrained")
+SAFE_PRESETS = ("ours", "raft")  # "raft": RAFT's recipe, filled in by safelib.methods.presets.resolve_preset
+# RAFT's fixed weights of its background terms (train_datasets.py: tau2 = 3, lambda1 = 0.1)
+BACKGROUND_TEMPERATURE = 3.0
+SEPARATION_WEIGHT = 0.1
+BACKGROUND_PROMPT = "the background of {}."
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,16 @@ class SafeConfig(MethodConfig):
     amp: mixed precision (fp16 autocast + grad scaling), used only on CUDA.
     feature_augment: views drawn from the cached maps while training (``safelib.features.augment``):
         "none", "flip", "crop" or "flip+crop"; lets one cached view per image stand in for K.
+
+    Knobs notebooks/06_ablations varies; their defaults leave SAFE as it was:
+    consistency: weight of RAFT's L1 term between the fine-tuned logits and frozen CLIP's (0: off).
+    background: RAFT's background query token, trained towards a "background" text class (cross-entropy
+        at temperature 3) and away from the class feature (cosine, weight 0.1); see ``background.py``.
+    ce_temperature: the class cross-entropy reads logits / T (RAFT: 2).
+    lr_warmup_epochs, lr_min: a linear warm-up from 0 over that many epochs, then cosine to ``lr_min``.
+    adam_eps: AdamW's epsilon (RAFT: 1e-4).
+    blend_by: "features" (ours: mix unit features) or "logits" (RAFT: mix each pooling's logits).
+    preset: "ours", or "raft" for RAFT's recipe (``safelib.methods.presets``; fields set by hand win).
     The seed is not here: it comes with the data (``FewShotData.seed``), shared by every method.
 
     epochs=30 and lr=1e-3 are what the mini-CLIP acceptance runs used (``safelib.experiments.miniclip_eval``);
@@ -76,6 +97,14 @@ class SafeConfig(MethodConfig):
     blend_grid: tuple[float, ...] = DEFAULT_BLEND_GRID
     amp: bool = True
     feature_augment: str = "none"
+    consistency: float = 0.0
+    background: bool = False
+    ce_temperature: float = 1.0
+    lr_warmup_epochs: int = 0
+    lr_min: float = 0.0
+    adam_eps: float = 1e-8
+    blend_by: str = "features"
+    preset: str = "ours"
 
     @property
     def safe_config(self) -> "SafeConfig":
@@ -97,6 +126,16 @@ class SafeConfig(MethodConfig):
         check.number("train_blend", low=0.0, high=1.0)
         check.number("blend", low=0.0, high=1.0, optional=True)
         check.flag("amp")
+        check.number("consistency", low=0.0)
+        check.flag("background")
+        check.number("ce_temperature", above=0.0)
+        check.integer("lr_warmup_epochs", low=0)
+        check.number("lr_min", low=0.0)
+        check.number("adam_eps", above=0.0)
+        check.choice("blend_by", BLEND_BY)
+        check.choice("preset", (*SAFE_PRESETS, "raft:resolved"), "raft:resolved is what resolve_preset returns")
+        if isinstance(self.lr_warmup_epochs, int) and isinstance(self.epochs, int) and self.lr_warmup_epochs > self.epochs:
+            check.add(f"lr_warmup_epochs={self.lr_warmup_epochs} exceeds epochs={self.epochs}")
         if self.loss_on == "blended" and self.train_blend == 0:
             check.add("train_blend must be > 0 with loss_on='blended': at 0 the loss does not see the fine-tuned "
                       "pooling, so nothing would train")
@@ -135,17 +174,27 @@ class SafeStep:
     """
 
     def __init__(self, attnpool: nn.Module, text_weights: Tensor, logit_scale: float, config: SafeConfig,
-                 steps: int):
+                 steps: int, warmup_steps: int = 0, background: Tensor | None = None):
         device = next(attnpool.parameters()).device
         self.original, self.logit_scale, self.config = attnpool, logit_scale, config
         self.text_weights = text_weights.to(device, torch.float32)
         self.pool = trainable_attnpool(attnpool, config.trainable)
+        if config.background:  # RAFT: a background query, scored against K classes + "background"
+            if background is None:
+                raise ValueError("background=True needs the background text embedding (D); Safe computes it "
+                                 "from the CLIP head's text tower")
+            self.pool = BackgroundPool(self.pool)
+            self.background_weights = torch.cat([self.text_weights, background.to(device, torch.float32)[:, None]], 1)
         self.trainable = [p for p in self.pool.parameters() if p.requires_grad]
         self.pretrained = [p.detach().clone() for p in self.trainable]
         self.use_amp = config.amp and device.type == "cuda"
         decay_in_adamw = config.weight_decay if config.decay_to == "zero" else 0.0
-        self.optimizer = adamw(self.trainable, lr=config.lr, weight_decay=decay_in_adamw)
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
+        self.optimizer = adamw(self.trainable, lr=config.lr, weight_decay=decay_in_adamw, eps=config.adam_eps)
+        if warmup_steps or config.lr_min:
+            self.schedule = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, warmup_cosine(config.lr, config.lr_min, steps, warmup_steps))
+        else:  # ours: cosine to 0, no warm-up
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
         self.scaler = (torch.amp.GradScaler("cuda", enabled=self.use_amp) if hasattr(torch.amp, "GradScaler")
                        else torch.cuda.amp.GradScaler(enabled=self.use_amp))  # torch < 2.3
 
@@ -154,13 +203,35 @@ class SafeStep:
         config = self.config
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.use_amp else contextlib.nullcontext()
         with autocast:
-            features = attention_pool(self.pool, batch)                                  # B x D
+            if config.background:
+                features, background = self.pool(batch)                                  # B x D each
+            else:
+                features = attention_pool(self.pool, batch)                              # B x D
+            fine_tuned, original = features, None
             if config.loss_on == "blended":
                 with torch.no_grad():
                     original = attention_pool(self.original, batch)
-                features = blend_features(features.float(), original.float(), config.train_blend)
-            logits = class_logits(features.float(), self.text_weights, self.logit_scale)  # B x K
-            loss = F.cross_entropy(logits, target)
+                if config.blend_by == "logits":
+                    logits = blended_logits(features.float(), original.float(), self.text_weights,
+                                            self.logit_scale, config.train_blend, "logits")
+                else:
+                    features = blend_features(features.float(), original.float(), config.train_blend)
+            if config.loss_on != "blended" or config.blend_by != "logits":
+                logits = class_logits(features.float(), self.text_weights, self.logit_scale)  # B x K
+            loss = F.cross_entropy(logits if config.ce_temperature == 1 else logits / config.ce_temperature, target)
+            if config.consistency:  # RAFT's L1 towards frozen CLIP's logits, on the fine-tuned logits
+                if original is None:
+                    with torch.no_grad():
+                        original = attention_pool(self.original, batch)
+                tuned_logits = logits if config.loss_on != "blended" else class_logits(
+                    fine_tuned.float(), self.text_weights, self.logit_scale)
+                clip_logits = class_logits(original.float(), self.text_weights, self.logit_scale)
+                loss = loss + config.consistency * F.l1_loss(tuned_logits, clip_logits)
+            if config.background:  # RAFT's background cross-entropy and its separation term
+                background_logits = class_logits(background.float(), self.background_weights, self.logit_scale)
+                background_class = torch.full_like(target, self.text_weights.shape[1])
+                loss = loss + F.cross_entropy(background_logits / BACKGROUND_TEMPERATURE, background_class)
+                loss = loss + SEPARATION_WEIGHT * (F.cosine_similarity(fine_tuned.float(), background.float()).mean() - 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -172,6 +243,21 @@ class SafeStep:
                     p.sub_(lr * config.weight_decay * (p - p0))
         self.schedule.step()
         return loss, logits
+
+
+def warmup_cosine(lr: float, lr_min: float, steps: int, warmup_steps: int):
+    """The factor of ``lr`` at each step (``LambdaLR``): RAFT's ``my_scheduler``, a linear warm-up from 0
+    to ``lr`` over ``warmup_steps`` steps (``linspace(0, lr, warmup_steps)``), then a cosine from ``lr``
+    to ``lr_min`` over the remaining steps."""
+    cosine_steps = max(steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / (warmup_steps - 1) if warmup_steps > 1 else 0.0
+        done = min(step - warmup_steps, cosine_steps)
+        return (lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * done / cosine_steps))) / lr
+
+    return factor
 
 
 @dataclass
@@ -186,13 +272,14 @@ class SafeTraining:
 
 def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weights: Tensor,
                logit_scale: float, config: SafeConfig | None = None, seed: int = 1,
-               progress: bool = False, method: str = "safe") -> SafeTraining:
+               progress: bool = False, method: str = "safe", background: Tensor | None = None) -> SafeTraining:
     """Fine-tune a copy of ``attnpool`` on cached dense maps; ``attnpool`` itself is left untouched.
 
     dense: views x N x C x H x W, a ``DenseMaps`` or anything ``DenseMaps.of`` takes (a tensor
     anywhere, a ``CacheEntry``); training runs on ``attnpool``'s device. Each epoch shows every
     image once, through a cached view drawn at random. Deterministic under ``seed`` on a CPU.
     A non-finite loss or weight after an epoch raises `TrainingDivergedError` naming ``method``.
+    ``background``: the background text embedding (D) that ``config.background`` needs.
     """
     config = SafeConfig() if config is None else config
     maps = DenseMaps.of(dense)
@@ -201,7 +288,9 @@ def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weight
         raise ValueError(f"labels must be N={n} class indices, got shape {tuple(labels.shape)}")
     device = next(attnpool.parameters()).device
     labels = labels.to(device)
-    step = SafeStep(attnpool, text_weights, logit_scale, config, steps=config.epochs * -(-n // config.batch_size))
+    steps_per_epoch = -(-n // config.batch_size)
+    step = SafeStep(attnpool, text_weights, logit_scale, config, steps=config.epochs * steps_per_epoch,
+                    warmup_steps=config.lr_warmup_epochs * steps_per_epoch, background=background)
     generator = torch.Generator().manual_seed(seed)
     augment_rng = augment_generator(seed)  # its own stream: "none" draws exactly as before
     result = SafeTraining(step.pool)
@@ -229,6 +318,8 @@ def train_safe(attnpool: nn.Module, dense: MapsLike, labels: Tensor, text_weight
 def pool_with_both(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor,
                    batch_size: int = 512) -> tuple[Tensor, Tensor]:
     """Fine-tuned and original features N x D of dense maps N x C x H x W: one pass of each pooling."""
+    if isinstance(pool_ft, BackgroundPool):  # RAFT's pooling: its class query's features
+        return pool_ft.pooled_features(dense, batch_size), pooled_features(pool_orig, dense, batch_size)
     return pooled_features(pool_ft, dense, batch_size), pooled_features(pool_orig, dense, batch_size)
 
 
@@ -240,8 +331,12 @@ def safe_features(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor, blend
 
 
 def safe_logits(pool_ft: nn.Module, pool_orig: nn.Module, dense: Tensor, text_weights: Tensor,
-                logit_scale: float, blend: float, batch_size: int = 512) -> Tensor:
-    """SAFE's prediction, the one path ``Safe`` and ``SafeClassifier`` share: logits N x K of dense maps."""
+                logit_scale: float, blend: float, batch_size: int = 512, blend_by: str = "features") -> Tensor:
+    """SAFE's prediction, the one path ``Safe`` and ``SafeClassifier`` share: logits N x K of dense maps
+    (``blend_by="logits"``: RAFT's mix of the two poolings' logits instead of their features)."""
+    if blend_by == "logits":
+        f_ft, f_orig = pool_with_both(pool_ft, pool_orig, dense, batch_size)
+        return blended_logits(f_ft.float(), f_orig.float(), text_weights, logit_scale, blend, "logits")
     features = safe_features(pool_ft, pool_orig, dense, blend, batch_size)
     return class_logits(features, text_weights.to(features.device), logit_scale)
 
@@ -262,8 +357,17 @@ class Safe(FewShotMethod):
                 raise ValueError(f"SAFE trains and selects on dense maps, but the {split_name} split has only "
                                  "pooled features: cache it with kind='dense'")
         config = self.config
+        if config.preset == "raft":
+            raise ValueError(f"{self.name}: preset='raft' is filled in by safelib.methods.presets.resolve_preset "
+                             "(sl.run does this); resolve it first")
+        background = None
+        if config.background:
+            if head.clip is None or not head.classnames:
+                raise ValueError("background=True encodes RAFT's background prompt: build the ClipHead with clip= "
+                                 "and classnames= (sl.run does)")
+            background = background_text(zero_shot_classifier(head.clip, head.classnames, [BACKGROUND_PROMPT]))
         self.training = train_safe(head.attnpool, data.train.dense, data.train.labels, head.classifier,
-                                   head.logit_scale, config, seed=data.seed, method=self.name)
+                                   head.logit_scale, config, seed=data.seed, method=self.name, background=background)
         self.training_warnings += loss_warnings(self.name, self.training.losses, head.num_classes)
         self.original, self.head = head.attnpool, head
         if config.blend is not None:
@@ -271,7 +375,7 @@ class Safe(FewShotMethod):
         else:
             f_ft, f_orig = self.pool_both(data.val.dense.eval_view())
             self.blend = choose_blend(f_ft, f_orig, data.val.labels, head.classifier, head.logit_scale,
-                                      config.blend_grid)
+                                      config.blend_grid, by=config.blend_by)
         self.chosen = {"blend": self.blend.as_record(), "train_losses": self.training.losses,
                        "train_seconds": self.training.seconds}
 
@@ -283,5 +387,17 @@ class Safe(FewShotMethod):
         if test.dense is None:
             raise ValueError("SAFE pools dense maps; the test split has only pooled features (cache kind='dense')")
         return safe_logits(self.training.attnpool, self.original, test.dense.eval_view(), self.head.classifier,
-                           self.head.logit_scale, self.blend.blend)
+                           self.head.logit_scale, self.blend.blend, blend_by=self.config.blend_by)
+
+    def blend_sweep_accuracy(self, split: SplitFeatures, classes: Tensor | None = None) -> list[dict]:
+        """Accuracy (percent) at every blend of ``blend_grid`` on a labelled split, e.g. the test split, for
+        the fixed-blend variants of notebooks/06_ablations without retraining. Never for choosing anything:
+        the blend is chosen on validation in ``fit``. ``classes``: the logit columns scored (None: all)."""
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: call fit(data) before blend_sweep_accuracy")
+        f_ft, f_orig = self.pool_both(split.dense.eval_view())
+        weights = self.head.classifier if classes is None else self.head.classifier[:, classes.to(self.head.classifier.device)]
+        points = sweep_blend(f_ft, f_orig, split.labels, weights, self.head.logit_scale, self.config.blend_grid,
+                             self.config.blend_by)
+        return [{"blend": p.blend, "accuracy": p.accuracy} for p in points]
 

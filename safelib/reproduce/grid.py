@@ -213,10 +213,13 @@ def _name_problems(name: str, value: Any) -> list[str]:
             if method not in METHODS:
                 check("method", method, list(METHODS))
                 continue
-            try:
-                method_config(method, dict(overrides or {}))
-            except (ValueError, TypeError) as error:
-                problems.append(f"method_configs.{method}: {error}")
+            settings = overrides if isinstance(overrides, list) else [overrides]  # run_grid: one run per setting
+            for i, setting in enumerate(settings):
+                where = f"method_configs.{method}" + (f"[{i}]" if isinstance(overrides, list) else "")
+                try:
+                    method_config(method, dict(setting or {}))
+                except (ValueError, TypeError) as error:
+                    problems.append(f"{where}: {error}")
     return problems
 
 

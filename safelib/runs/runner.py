@@ -172,6 +172,9 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
     }
     if config.test_dataset is not None:
         record["test_num_classes"] = len(test_data.classnames)
+    sweep = getattr(method, "blend_sweep_accuracy", None)  # SAFE: test accuracy at every blend of its grid,
+    if sweep is not None:                                   # for notebooks/06_ablations only, never selection
+        record["test_sweep"] = sweep(splits["test"], test_classes)
     fitted = FittedRun(config=config, method=method, head=head, splits=splits, train_set=train_set,
                        val_set=val_set, test_set=test_data.test, test_classes=test_classes)
     return record, fitted
