@@ -5,8 +5,12 @@ so a run killed mid-write (or two job-array shards on a shared filesystem) leave
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +33,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the owner (host and pid) is in the name, so a later write can tell a dead writer's leftover
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}-", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
     try:
@@ -40,6 +45,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    remove_dead_owners(path.parent, f".{path.name}.", ".tmp")
+
+
+def host_tag() -> str:
+    """This machine's name, safe in a file name: a pid means something only on its own host."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+
+
+def owner_tag() -> str:
+    """``<host>-<pid>``: put in the name of a temporary file or folder, so that a later process can tell
+    whether its writer was killed (``remove_dead_owners``)."""
+    return f"{host_tag()}-{os.getpid()}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host exists (signal 0 checks, delivers nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_dead_owners(folder: str | os.PathLike, prefix: str, suffix: str = "") -> list[Path]:
+    """Remove the entries ``<prefix><host>-<pid>-*<suffix>`` of ``folder`` whose process (of this host) is gone.
+
+    What a kill -9 leaves behind (a half-written file, a calibration sample) is removed by the next
+    process that looks; an entry whose writer still runs (another shard) is never touched. Another
+    host's entries are kept: its pids mean nothing here. Nothing is removed on Windows, where
+    ``os.kill(pid, 0)`` would end the process.
+    """
+    if os.name != "posix":
+        return []
+    pattern = re.compile(re.escape(f"{prefix}{host_tag()}-") + r"(\d+)-.*" + re.escape(suffix) + "$")
+    removed = []
+    for entry in Path(folder).glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        match = pattern.match(entry.name)
+        if match is None or process_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue  # removed by another process first, or not ours to remove
+    return removed
+
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

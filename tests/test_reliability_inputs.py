@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from safelib.atomic import host_tag
 import safelib as sl
 import safelib.data as D
 import safelib.features.cache as cache_module
@@ -133,7 +134,7 @@ def _dead_pid() -> int:
 
 def test_calibration_removes_sample_folders_of_dead_processes_only(tmp_path):
     """Case 2.4: a kill -9 during calibration left its 63 MB sample folder forever."""
-    host = calibration._host_tag()
+    host = host_tag()
     dead = tmp_path / f"safelib-calibrate-{host}-{_dead_pid()}-abc123"
     live = tmp_path / f"safelib-calibrate-{host}-{os.getppid()}-def456"    # another shard, still running
     elsewhere = tmp_path / f"safelib-calibrate-otherhost-{_dead_pid()}-ghi789"  # a pid of another machine

@@ -20,9 +20,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
-import re
-import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -35,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import owner_tag, remove_dead_owners
 from ..clip.attnpool import trained_grid
 from ..features.cache import BYTES_PER_VALUE
 from ..features.maps import DenseMaps, DeviceMaps, MapsLike, PinnedMaps, StreamedMaps, drop_page_cache
@@ -63,42 +61,13 @@ def _median_time(step: Callable[[], None], repeats: int, device: torch.device,
 SAMPLE_PREFIX = "safelib-calibrate-"
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: checks existence, delivers nothing
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
-
-
 def remove_stale_samples(temp_dir: str | os.PathLike | None = None) -> list[Path]:
     """Remove the sample folders of calibrations whose process is gone (killed mid-way); returns them.
 
-    Only folders of this host (``safelib-calibrate-<host>-<pid>-*``) are judged: a pid means
-    nothing on another machine sharing the folder. A folder whose process lives (another shard
-    calibrating now) is kept. On Windows, where ``os.kill(pid, 0)`` would end the process, nothing
-    is removed.
+    Only this host's folders (``safelib-calibrate-<host>-<pid>-*``) are judged, and one whose
+    process lives (another shard calibrating now) is kept (``safelib.atomic.remove_dead_owners``).
     """
-    if os.name != "posix":
-        return []
-    pattern = re.compile(re.escape(f"{SAMPLE_PREFIX}{_host_tag()}-") + r"(\d+)-[^-]+$")
-    removed = []
-    for entry in Path(temp_dir or tempfile.gettempdir()).glob(f"{SAMPLE_PREFIX}*"):
-        match = pattern.match(entry.name)
-        if match is None or not entry.is_dir() or _alive(int(match.group(1))):
-            continue
-        try:
-            shutil.rmtree(entry)
-            removed.append(entry)
-        except OSError:
-            continue  # cleaned by another process first, or another user's: not ours to judge
-    return removed
+    return remove_dead_owners(temp_dir or tempfile.gettempdir(), SAMPLE_PREFIX)
 
 
 def synthetic_attnpool(map_shape: tuple[int, int, int] = (2048, 7, 7), seed: int = 0) -> nn.Module:
@@ -191,7 +160,7 @@ def calibrate(device: str | torch.device = "cpu", map_shape: tuple[int, int, int
         host = maps[0, :batch_size * 4].pin_memory()
         h2d = host.nbytes / _median_time(lambda: host.to(device, non_blocking=True), repeats, device, clock)
     remove_stale_samples(temp_dir)
-    with tempfile.TemporaryDirectory(dir=temp_dir, prefix=f"{SAMPLE_PREFIX}{_host_tag()}-{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=temp_dir, prefix=f"{SAMPLE_PREFIX}{owner_tag()}-") as tmp:
         path = Path(tmp) / "view.npy"
         memmap = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, *map_shape))
         memmap[:] = maps[0].numpy()

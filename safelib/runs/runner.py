@@ -38,7 +38,7 @@ from ..data import ImageSet, SplitDataset, get_dataset
 from ..features.extract import cache_image_features
 from ..methods import METHODS, ClipHead, FewShotData, FewShotMethod, MethodConfig, SplitFeatures, accuracy
 from ..methods.presets import resolve_preset, selection_of
-from ..perf.calibration import plan_for_maps
+from ..perf.calibration import plan_for_maps, remove_stale_samples
 
 # (name, data root, options as canonical JSON) -> the loaded dataset
 LoadDataset = Callable[[str, "str | None", str], SplitDataset]
@@ -80,6 +80,7 @@ def run(config: RunConfig, *, clip: Any = None, overwrite: bool = False, progres
     path = config.record_path()
     if path.exists() and not overwrite and not return_method:
         return read_record(path)
+    remove_stale_samples()  # what an earlier, killed run's calibration left in the temp dir
     record, fitted = _run(config, clip, progress, _load_dataset)
     if path.exists() and not overwrite:
         stored = read_record(path)
@@ -365,6 +366,7 @@ def run_grid(
         if config.test_dataset is not None:  # class lists checked before any run starts
             _test_classes(config, datasets(config.dataset, config.data_root, config.options_key),
                           datasets(config.test_dataset, config.data_root, config.test_options_key))
+    remove_stale_samples()  # what an earlier, killed run's calibration left in the temp dir
     records, paths, fitted = [], [], []
     bar = tqdm(configs, desc="runs", unit="run") if progress else configs
     for config in bar:
