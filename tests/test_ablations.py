@@ -2,6 +2,8 @@
 zero-shot, and the chapter's paired effects are right on a hand-made frame."""
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -180,3 +182,35 @@ def test_closing_table_names_the_best_setting():
     row = table[table["choice"] == "warm-up"].iloc[0]
     assert row["best"] == "5 epochs" and row["effect"] == pytest.approx(2.0) and row["wins_everywhere"]
     assert ablations.ablation_frame("/nonexistent/folder").empty
+
+
+# --- the chapter ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_chapter_builds_from_the_shipped_records_quickly_and_cleanly(tmp_path, monkeypatch):
+    """notebooks/06_ablations on results/ablations: no error, nothing on stderr, a figure per section
+    with records, under a minute."""
+    import time
+
+    import nbformat
+    import papermill
+
+    from safelib.reproduce.execute import ensure_kernel
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = root / "results" / "ablations"
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    ensure_kernel(tmp_path / "kernel")
+    start = time.perf_counter()
+    papermill.execute_notebook(str(root / "notebooks" / "06_ablations.ipynb"), str(tmp_path / "out.ipynb"),
+                               cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False)
+    seconds = time.perf_counter() - start
+    nb = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr") == ""
+    figures = sum("image/png" in o.get("data", {}) for o in outputs)
+    if shipped.is_dir():
+        assert figures == len(ablations.CHOICES) and seconds < 60
+    else:
+        assert figures == 0
