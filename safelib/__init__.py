@@ -81,6 +81,8 @@ from .methods import (
     FewShotData,
     FewShotMethod,
     SplitFeatures,
+    TrainingDivergedError,
+    TrainingWarning,
     accuracy,
     make_method,
     method_config,
@@ -96,6 +98,7 @@ from .perf import PROFILES, CachePlan, DeviceProfile, PlanError, Workload, calib
 # --- runs: configs, records, tables ---
 from .runs import RunConfig, RunConfigError, provenance, read_record, run, run_grid, write_record
 from .runs.aggregate import aggregate, load_records, summary_table
+from .runs.runner import RunWarning
 
 # --- book: figures and explorers ---
 from .book import ablations, plots, realcheck, widgets

@@ -213,8 +213,9 @@ class MethodConfig:
         return asdict(self)
 
 
-# A float that YAML 1.1 (PyYAML) reads as a string: no dot in the mantissa, e.g. 1e-3.
-_LOST_FLOAT = re.compile(r"^[+-]?\d+[eE][+-]?\d+$")
+# A float that YAML 1.1 (PyYAML) reads as a string: no dot in the mantissa, e.g. 1e-3 (the grid
+# checker in safelib.reproduce uses it too).
+LOST_FLOAT = re.compile(r"^[+-]?\d+[eE][+-]?\d+$")
 
 
 def _is_number(value: Any) -> bool:
@@ -228,7 +229,7 @@ def _why_not(value: Any) -> str:
         return " (a boolean, not a number)"
     if isinstance(value, str):
         text = value.strip()
-        if _LOST_FLOAT.match(text):
+        if LOST_FLOAT.match(text):
             mantissa, exponent = re.split(r"[eE]", text)
             return (f" (a string: PyYAML reads {text}, a float without a dot in its mantissa, as text; "
                     f"write {mantissa}.0e{exponent})")

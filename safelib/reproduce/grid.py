@@ -28,14 +28,13 @@ import yaml
 from ..clip.models import valid_model_names
 from ..data import list_datasets
 from ..methods import METHODS, method_config
+from ..methods.base import LOST_FLOAT
 from .case import Case
 
 GRID_KEYS = ("notebook_dir", "notebooks", "parameters", "grid", "cases")
 CASE_KEYS = ("notebook", "name", "parameters", "grid")
 # Parameters the runner sets itself (inside DIR), whenever the notebook declares them.
 RUNNER_PARAMETERS = ("out_dir", "cache_dir")
-# A float YAML 1.1 reads as a string: no dot in the mantissa (1e-3, 5E+2).
-_LOST_FLOAT = re.compile(r"^[+-]?\d+[eE][+-]?\d+$")
 # Parameter names whose values must be registered names.
 _DATASET_KEYS = ("dataset", "test_dataset")
 _MODEL_KEYS = ("model", "backbone")
@@ -157,7 +156,7 @@ def check_parameters(parameters: Mapping[str, Any], declared: Mapping[str, Any])
 
 def _type_problems(where: str, value: Any, default: Any) -> list[str]:
     """Wrong types against the declared default (recursing into dicts and lists)."""
-    if isinstance(value, str) and _LOST_FLOAT.match(value.strip()) and not isinstance(default, str):
+    if isinstance(value, str) and LOST_FLOAT.match(value.strip()) and not isinstance(default, str):
         return [f"{where} = {value!r} is a string: YAML reads a float without a dot in its mantissa as text; "
                 f"write {_with_dot(value)} instead"]
     if isinstance(value, Mapping):
