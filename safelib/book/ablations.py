@@ -283,11 +283,12 @@ def verdict(frame: pd.DataFrame, name: str, metric: str = "test_acc") -> str:
     size = f"{best['effect']:+.2f} ± {best['se']:.2f} points over {int(best['n'])} (task, shots, seed) pairs"
     noise = "beyond seed noise (more than twice its standard error)" if best["beyond_noise"] else "within seed noise"
     if best["effect"] <= 0:
-        return (f"No setting beats the default ({c.default_label}); the closest, {best['setting']}, "
+        return (f"No setting of {c.knob} beats the default ({c.default_label}); the closest, {best['setting']}, "
                 f"differs by {size}, {noise}.")
-    everywhere = ("and it wins on both tasks at every shot count" if best["wins_everywhere"]
+    everywhere = ("and it wins on both tasks at every shot count beyond noise" if best["wins_everywhere"]
                   else "but it does not win on both tasks at every shot count beyond noise")
-    return f"The best setting, {best['setting']}, beats the default ({c.default_label}) by {size}, {noise}, {everywhere}."
+    return (f"The best setting of {c.knob}, {best['setting']}, beats the default ({c.default_label}) by {size}, "
+            f"{noise}, {everywhere}.")
 
 
 def show(frame: pd.DataFrame, name: str, metric: str = "test_acc") -> pd.DataFrame | None:
