@@ -33,7 +33,7 @@ from ..runs.records import read_record
 
 __all__ = ["CHOICES", "Choice", "ablation_frame", "paired_differences", "paired_effect", "wins_everywhere",
            "choice_effects", "closing_table", "comparison_table", "plot_choice", "raft_settings", "variant_of",
-           "choice", "verdict", "show", "rule_verdict"]
+           "choice", "verdict", "show", "rule_verdict", "coverage"]
 
 PAIR_KEYS = ("dataset", "shots", "seed")
 DEFAULT = "default"
@@ -316,3 +316,12 @@ def rule_verdict(table: pd.DataFrame) -> str:
                 "null for every choice, so every default stays.")
     named = "; ".join(f"{r['choice']}: {r['best']}" for _, r in winners.iterrows())
     return f"Settings that win on both tasks at every shot count beyond seed noise: {named}."
+
+
+def coverage(frame: pd.DataFrame) -> pd.DataFrame:
+    """What the records hold, per task and shot count: the seeds with a default SAFE run and how many
+    (choice, setting, seed) results there are."""
+    default = frame[(frame["choice"] == CHOICES[0].name) & (frame["label"] == CHOICES[0].default_label)]
+    seeds = default.groupby(["dataset", "shots"])["seed"].agg(lambda s: ", ".join(map(str, sorted(s))))
+    results = frame.drop_duplicates(["dataset", "shots", "seed", "choice", "label"]).groupby(["dataset", "shots"]).size()
+    return pd.DataFrame({"seeds of the default run": seeds, "results": results}).fillna("")
