@@ -196,7 +196,7 @@ def closing_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame
         if effects.empty:
             continue
         best = effects.loc[effects["effect"].idxmax()]
-        if best["effect"] <= 0:
+        if best["effect"] <= 1e-9:  # float noise of equal accuracies is no gain
             rows.append({"choice": choice.name, "default": choice.default_label, "best": choice.default_label,
                          "effect": 0.0, "se": 0.0, "n": int(best["n"]), "beyond_noise": False,
                          "wins_everywhere": False, "best_variant": best["setting"],
@@ -282,7 +282,7 @@ def verdict(frame: pd.DataFrame, name: str, metric: str = "test_acc") -> str:
     best = effects.loc[effects["effect"].idxmax()]
     size = f"{best['effect']:+.2f} ± {best['se']:.2f} points over {int(best['n'])} (task, shots, seed) pairs"
     noise = "beyond seed noise (more than twice its standard error)" if best["beyond_noise"] else "within seed noise"
-    if best["effect"] <= 0:
+    if best["effect"] <= 1e-9:  # float noise of equal accuracies is no gain
         return (f"No setting of {c.knob} beats the default ({c.default_label}); the closest, {best['setting']}, "
                 f"differs by {size}, {noise}.")
     everywhere = ("and it wins on both tasks at every shot count beyond noise" if best["wins_everywhere"]
