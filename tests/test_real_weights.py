@@ -75,7 +75,7 @@ def test_chapter_runs_zero_shot_and_safe_on_local_rn50_weights_and_a_fake_dtd(tm
     weights = tmp_path / "rn50-random.pt"
     torch.save({k: v.half() for k, v in sl.random_clip("RN50").model.state_dict().items()}, weights)
     make_coop(tmp_path / "data", "dtd", "images", "split_zhou_DescribableTextures.json", classes=TEXTURES,
-              per_split=(2, 1, 2))
+              per_split=(2, 2, 2))  # 2 shots and 2 validation images per class: no short class
     text, figures = execute(tmp_path, kernel_env, monkeypatch, pretrained=str(weights),
                             data_root=str(tmp_path / "data"), download=False, shots=2, train_views=1,
                             safe_config={"epochs": 1})
