@@ -41,6 +41,28 @@ def make_tiny_clip():
     return build_tiny_clip
 
 
+def build_channel_block_task(clip: "sl.ClipModel", classes: int, n: int = 24, views: int = 2, seed: int = 0):
+    """A small separable task on dense maps: class k brightens a class-specific channel block.
+
+    Returns (dense V x N x C x S x S, labels N, unit text weights D x classes).
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    c, s = clip.dense_channels, clip.grid
+    dense = torch.rand(views, n, c, s, s, generator=g)
+    block = c // classes
+    for k in range(classes):
+        dense[:, labels == k, k * block:(k + 1) * block] += 1.0
+    text = torch.nn.functional.normalize(torch.randn(clip.embed_dim, classes, generator=g), dim=0)
+    return dense, labels, text
+
+
+@pytest.fixture(scope="session")
+def make_channel_block_task():
+    """``build_channel_block_task``, shared by the SAFE and ablation tests."""
+    return build_channel_block_task
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -25,18 +25,9 @@ def clip(make_tiny_clip):
 
 
 @pytest.fixture(scope="module")
-def task(clip):
-    """A small separable task on dense maps: class k brightens a class-specific channel block."""
-    g = torch.Generator().manual_seed(0)
-    n, views = 24, 2
-    labels = torch.arange(n) % K
-    c, s = clip.dense_channels, clip.grid
-    dense = torch.rand(views, n, c, s, s, generator=g)
-    block = c // K
-    for k in range(K):
-        dense[:, labels == k, k * block:(k + 1) * block] += 1.0
-    text = F.normalize(torch.randn(clip.embed_dim, K, generator=g), dim=0)
-    return dense, labels, text
+def task(clip, make_channel_block_task):
+    """A small separable task on dense maps (conftest's ``build_channel_block_task``)."""
+    return make_channel_block_task(clip, K)
 
 
 def _state(module):
