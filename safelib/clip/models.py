@@ -305,15 +305,19 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()[:16]
 
 
-_MODEL_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def cached_module_digest(module: nn.Module) -> str:
+    """``module_digest``, computed once per module (weights are frozen once loaded), dropped with it."""
+    if module not in _DIGESTS:
+        _DIGESTS[module] = module_digest(module)
+    return _DIGESTS[module]
 
 
 def clip_digest(clip: "ClipModel") -> str:
-    """``module_digest`` of the whole model (both towers), computed once per model: what a record
-    says was loaded, whatever the weights' name."""
-    if clip.model not in _MODEL_DIGESTS:
-        _MODEL_DIGESTS[clip.model] = module_digest(clip.model)
-    return _MODEL_DIGESTS[clip.model]
+    """The whole model's digest (both towers): what a record says was loaded, whatever the weights' name."""
+    return cached_module_digest(clip.model)
 
 
 def random_clip(name: str = "RN50", seed: int = 0, quick_gelu: bool = True) -> ClipModel:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -20,14 +19,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..clip.attnpool import attention_pool
-from ..clip.models import ClipModel, module_digest
+from ..clip.models import ClipModel, cached_module_digest
 from ..data import ImageSet, ImageViews, ViewSpec, collate_views, image_files_digest
 from .cache import CacheEntry, CacheWriter, entry_lock, find_entry, ids_digest
 
 FEATURE_KINDS = ("dense", "pooled")
 IMAGE_DIGESTS = "image-digests"  # the folder under a cache root holding image_files_digest's memos
 AUTOCAST_DTYPES = {None: None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_WEIGHT_DIGESTS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def weights_digest(clip: ClipModel) -> str:
@@ -36,10 +34,7 @@ def weights_digest(clip: ClipModel) -> str:
     The weights' name ("shipped", a file path) is not enough for a cache key: a re-pretrained
     mini-CLIP or a replaced file keeps its name and would silently be served the old maps.
     """
-    visual = clip.model.visual
-    if visual not in _WEIGHT_DIGESTS:
-        _WEIGHT_DIGESTS[visual] = module_digest(visual)
-    return _WEIGHT_DIGESTS[visual]
+    return cached_module_digest(clip.model.visual)
 
 
 def check_autocast_dtype(autocast_dtype: str | None) -> None:
