@@ -206,3 +206,27 @@ def test_the_chapter_builds_from_the_shipped_records_quickly_and_cleanly(tmp_pat
         assert figures == len(ablations.CHOICES)
     else:
         assert figures == 0
+
+
+def test_records_keep_attention_on_target_and_the_chapter_reads_safe_a_choices(tmp_path, capsys):
+    """SAFE and SAFE-A records keep the attention on the target of both poolings; the chapter's frame reads
+    it, pairs the two adapters and the adapter's input, and draws the attention under the accuracy."""
+    common = dict(cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path / "runs"),
+                  method_configs={"safe": [{}, {"trainable": "query"}], "safe_a_tip": [{}, {"blends": [0.0]}],
+                                  "safe_a_clip_adapter": [{}]})
+    sl.run_grid("miniworld_shape_largest", ["safe", "safe_a_tip", "safe_a_clip_adapter"], [1], [1, 2], **common)
+    frame = ablations.ablation_frame(tmp_path / "runs")
+    measured = frame[frame["choice"] == "trainable tensors"]
+    assert set(measured["label"]) == {"all", "q alone"}
+    assert measured["attention"].between(0, 100).all() and measured["attention_original"].between(0, 100).all()
+    assert (measured["attention"] != measured["attention_original"]).all()  # fine-tuning moved the attention
+    adapters = frame[frame["choice"] == "SAFE-A: which adapter"]
+    assert sorted(adapters["label"]) == ["CLIP-Adapter"] * 2 + ["Tip-Adapter-F"] * 2
+    inputs = ablations.choice_effects(frame, ablations.choice("SAFE-A (Tip-Adapter-F): the adapter's input"))
+    assert list(inputs["setting"]) == ["original (b = 0)"] and int(inputs["n"].iloc[0]) == 2
+    fig = ablations.plot_choice(frame, ablations.choice("trainable tensors"))
+    assert len(fig.axes) == 2 and "attention" in fig.axes[1].get_ylabel()
+    table = ablations.show(frame, "trainable tensors")
+    assert table.loc["q alone", "attention on target (%)"] == pytest.approx(
+        measured[measured["label"] == "q alone"]["attention"].mean(), abs=0.05)
+    assert "% with the original pooling" in capsys.readouterr().out

@@ -50,6 +50,7 @@ class Choice:
     default_label: str
     method: str = "safe"
     derived: bool = field(default=False)  # fixed blends: read from the default runs' test sweeps
+    across_methods: bool = field(default=False)  # variants are other methods' default runs: {"method": name}
 
 
 def _grid(step: float) -> list[float]:
@@ -78,6 +79,14 @@ CHOICES: tuple[Choice, ...] = (
     Choice("train views K", "train_views", {
         "10": {}, "1": {"train_views": 1}, "2": {"train_views": 2}, "4": {"train_views": 4}}, "10"),
     Choice("recipe", "preset", {"ours": {}, "RAFT": {"preset": "raft"}}, "ours"),
+    Choice("SAFE-A: which adapter", "method", {
+        "Tip-Adapter-F": {"method": "safe_a_tip"}, "CLIP-Adapter": {"method": "safe_a_clip_adapter"}},
+        "Tip-Adapter-F", method="safe_a_tip", across_methods=True),
+    Choice("SAFE-A (Tip-Adapter-F): the adapter's input", "blends", {
+        "blended (b searched)": {}, "original (b = 0)": {"blends": [0.0]}}, "blended (b searched)", method="safe_a_tip"),
+    Choice("SAFE-A (CLIP-Adapter): the adapter's input", "blends", {
+        "blended (b searched)": {}, "original (b = 0)": {"blends": [0.0]}}, "blended (b searched)",
+        method="safe_a_clip_adapter"),
 )
 
 
@@ -101,7 +110,8 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
     val accuracy. Each record is placed under every choice whose variant it is (the default run under
     all of them); the default SAFE runs also give the fixed-blend rows from their test sweeps.
     An absent or empty folder gives an empty frame with these columns."""
-    columns = ["dataset", "shots", "seed", "method", "choice", "label", "change", "test_acc", "val_acc"]
+    columns = ["dataset", "shots", "seed", "method", "choice", "label", "change", "test_acc", "val_acc",
+               "attention", "attention_original"]
     if not Path(results_dir).is_dir():
         return pd.DataFrame(columns=columns)
     records = load_records(results_dir)
@@ -114,7 +124,14 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
         change = {k: v for k, v in sorted(json.loads(row["setting"]).items())
                   if _canonical(defaults[method].get(k)) != _canonical(v)}
         base = {"dataset": row["dataset"], "shots": int(row["shots"]), "seed": int(row["seed"]), "method": method}
+        attention = _attention_of(row["path"])
         for choice in CHOICES:
+            if choice.across_methods:
+                for label, wanted in choice.variants.items():
+                    if wanted["method"] == method and not change:
+                        rows.append({**base, "choice": choice.name, "label": label, "change": _canonical(wanted),
+                                     "test_acc": row["test_acc"], "val_acc": row["val_acc"], **attention})
+                continue
             if choice.method != method:
                 continue
             for label, wanted in choice.variants.items():
@@ -124,11 +141,20 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
                     sweep = {p["blend"]: p["accuracy"] for p in read_record(row["path"]).get("test_sweep", [])}
                     if wanted["blend"] in sweep:
                         rows.append({**base, "choice": choice.name, "label": label, "change": _canonical(wanted),
-                                     "test_acc": sweep[wanted["blend"]], "val_acc": np.nan})
+                                     "test_acc": sweep[wanted["blend"]], "val_acc": np.nan,
+                                     "attention": np.nan, "attention_original": np.nan})
                 elif _canonical(change) == _canonical(dict(wanted)):
                     rows.append({**base, "choice": choice.name, "label": label, "change": _canonical(change),
-                                 "test_acc": row["test_acc"], "val_acc": row["val_acc"]})
+                                 "test_acc": row["test_acc"], "val_acc": row["val_acc"], **attention})
     return pd.DataFrame(rows, columns=columns)
+
+
+def _attention_of(path: str | Path) -> dict[str, float]:
+    """A record's attention on the target (percent of spatial attention), fine-tuned and original pooling;
+    NaN where the record has none (RAFT's background pooling, or records written before runs kept it)."""
+    masses = read_record(path).get("attention_on_target") or {}
+    return {"attention": 100 * masses.get("fine_tuned", np.nan),
+            "attention_original": 100 * masses.get("original", np.nan)}
 
 
 def paired_differences(frame: pd.DataFrame, baseline: str, variant: str, metric: str = "test_acc",
@@ -228,27 +254,33 @@ def comparison_table(frame: pd.DataFrame, metric: str = "test_acc") -> pd.DataFr
 
 def plot_choice(frame: pd.DataFrame, choice: Choice, metric: str = "test_acc") -> Figure:
     """Accuracy against the choice's settings, one panel per shot count, a line per task: mean over
-    seeds with a band of the seeds' range (each point's three seeds drawn as dots)."""
+    seeds with a band of the seeds' range (each point's three seeds drawn as dots). Where the records
+    measured it, a second row shows the attention on the target (the original pooling's as a dotted line)."""
     rows = frame[frame["choice"] == choice.name]
     if rows.empty:
         raise ValueError(f"no records of {choice.name!r}")
     order = [label for label in choice.variants if label in set(rows["label"])]
     shots = sorted(rows["shots"].unique())
     tasks = sorted(rows["dataset"].unique())
+    panels = [(metric, "test accuracy (%)" if metric == "test_acc" else metric)]
+    if "attention" in rows and rows["attention"].notna().any():
+        panels.append(("attention", "attention on target (%)"))
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, axes = plt.subplots(1, len(shots), figsize=(max(4.0, 1.2 * len(order)) * len(shots) / 1.3 + 1, 3.6),
-                             sharey=True, squeeze=False)
-    for ax, k in zip(axes[0], shots):
-        at = rows[rows["shots"] == k]
-        dodge = 0.3 if rows["dataset"].nunique() > 1 else False
-        sns.pointplot(data=at, x="label", y=metric, hue="dataset", hue_order=tasks, order=order,
-                      errorbar=("pi", 100), dodge=dodge, capsize=0.1, ax=ax, legend=ax is axes[0][-1])
-        sns.stripplot(data=at, x="label", y=metric, hue="dataset", hue_order=tasks, order=order, dodge=bool(dodge),
-                      size=3, alpha=0.5, ax=ax, legend=False, palette="dark:gray")
-        ax.set_title(f"{k} shots (seeds {', '.join(map(str, sorted(at['seed'].unique())))})", fontsize=10)
-        ax.set_xlabel(choice.knob)
-        ax.set_ylabel("test accuracy (%)" if metric == "test_acc" else metric)
-        ax.tick_params(axis="x", rotation=30 if max(len(s) for s in order) > 6 else 0)
+    fig, axes = plt.subplots(len(panels), len(shots), sharey="row", squeeze=False,
+                             figsize=(max(4.0, 1.2 * len(order)) * len(shots) / 1.3 + 1, 3.4 * len(panels)))
+    for row_axes, (column, ylabel) in zip(axes, panels):
+        for ax, k in zip(row_axes, shots):
+            at = rows[(rows["shots"] == k) & rows[column].notna()]
+            _panel(ax, at, column, order, tasks, legend=column == metric and ax is row_axes[-1])
+            ax.set_title(f"{k} shots (seeds {', '.join(map(str, sorted(at['seed'].unique())))})", fontsize=10)
+            ax.set_xlabel(choice.knob if column == panels[-1][0] else "")
+            ax.set_ylabel(ylabel)
+            ax.tick_params(axis="x", rotation=30 if max(len(s) for s in order) > 6 else 0)
+            if column == "attention":
+                original = at["attention_original"].mean()
+                ax.axhline(original, color="gray", linestyle=":", linewidth=1)
+                ax.annotate("original pooling", (0, original), xytext=(2, 2), textcoords="offset points",
+                            fontsize=8, color="gray")
     legend = axes[0][-1].get_legend()
     if legend is not None:
         legend.set_bbox_to_anchor((1.02, 1))
@@ -257,6 +289,15 @@ def plot_choice(frame: pd.DataFrame, choice: Choice, metric: str = "test_acc") -
     fig.suptitle(choice.name, fontsize=11)
     fig.tight_layout()
     return fig
+
+
+def _panel(ax, at: pd.DataFrame, column: str, order: list[str], tasks: list[str], legend: bool) -> None:
+    """One panel of ``plot_choice``: per task, the seeds' mean with their range, and each seed as a dot."""
+    dodge = 0.3 if at["dataset"].nunique() > 1 else False
+    sns.pointplot(data=at, x="label", y=column, hue="dataset", hue_order=tasks, order=order,
+                  errorbar=("pi", 100), dodge=dodge, capsize=0.1, ax=ax, legend=legend)
+    sns.stripplot(data=at, x="label", y=column, hue="dataset", hue_order=tasks, order=order, dodge=bool(dodge),
+                  size=3, alpha=0.5, ax=ax, legend=False, palette="dark:gray")
 
 
 def raft_settings() -> dict[str, Any]:
@@ -301,8 +342,14 @@ def show(frame: pd.DataFrame, name: str, metric: str = "test_acc") -> pd.DataFra
     print(verdict(frame, name, metric))
     plot_choice(frame, c, metric)
     plt.show()
-    table = choice_effects(frame, c, metric).drop(columns="choice")
-    return table.round({"effect": 2, "se": 2}).set_index("setting")
+    table = choice_effects(frame, c, metric).drop(columns="choice").set_index("setting")
+    rows = frame[frame["choice"] == c.name]
+    attention = rows.groupby("label")["attention"].mean()
+    if attention.notna().any():  # mean attention on the target (%), over tasks, shots and seeds
+        print(f"Attention on the target: {attention.get(c.default_label, np.nan):.1f}% at the default "
+              f"({c.default_label}), {rows['attention_original'].mean():.1f}% with the original pooling.")
+        table["attention on target (%)"] = attention.reindex(table.index)
+    return table.round({"effect": 2, "se": 2, "attention on target (%)": 1})
 
 
 def rule_verdict(table: pd.DataFrame) -> str:

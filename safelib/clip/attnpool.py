@@ -14,6 +14,11 @@ one query, re-associated so no H*W keys or values are materialised:
 
 This is algebra, not an approximation: `tests/test_attnpool.py` checks it against a float64
 ground truth. Taught in the book's "Attention pooling" chapter.
+
+How it is computed: the 1 + H*W tokens are built once, every other step is a (batched) matrix
+product, and float32/float64 training runs a hand-written backward (`_FusedPool`) that reuses the
+forward's spent blocks: about 20x open_clip's forward + backward on RN50 on a CPU
+(`tests/benchmarks/bench_attnpool.py`, `tests/benchmarks/RESULTS.md`).
 """
 from __future__ import annotations
 
@@ -53,15 +58,6 @@ def positional_embedding(attnpool: nn.Module, height: int, width: int, interpola
     return torch.cat([pos[:1], spatial])
 
 
-# ----------------------------------------------------------------------------------------------
-# Two implementations of the same algebra, selectable while the lead compares their run records
-# (issue 17): "fused" materialises the 1 + H*W tokens once and has its own backward;
-# "composed" is the earlier autograd composition. Both equal open_clip to rounding; in float32
-# they round differently, so SAFE's trained numbers can move in the last digits between them.
-IMPLEMENTATIONS = ("fused", "composed")
-# module-wide default; ``attention_pool(..., implementation=...)`` overrides it. "composed" until the lead
-# decides, so that every shipped SAFE number stays as it was (issue 17).
-POOLING = "composed"
 # Token block per chunk of samples: bounds the saved activations of a huge batch. Measured at batch 128
 # (RN50, 52 MB of tokens) one chunk was faster than 16 MB chunks (16.3x -> 19.4x open_clip), so it is large.
 CHUNK_BYTES = 256 * 2 ** 20
@@ -91,7 +87,7 @@ def _tokens(x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """Tokens T = [mean_i x_i, x_1 .. x_HW] + p as N x C x (1+HW), and token 0 alone, N x C (contiguous)."""
     mean = x.mean(dim=-1, keepdim=True)                                             # N x C x 1
     tokens = torch.cat([mean, x], dim=-1)
-    tokens += pos.T
+    tokens += pos.T.contiguous()  # broadcasting a contiguous C x L block is 2x faster than the strided p^T
     return tokens, tokens[:, :, 0].contiguous()
 
 
@@ -130,6 +126,13 @@ def _chunks(n: int, channels: int, length: int, itemsize: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b (batched or not), or a @ b when there is no total yet."""
+    if total is None:
+        return a @ b
+    return total.baddbmm_(a, b) if a.ndim == 3 else total.addmm_(a, b)
+
+
 class _FusedPool(torch.autograd.Function):
     """Attention pooling of token 0 with a hand-written backward (float32 / float64, no autocast).
 
@@ -153,6 +156,9 @@ class _FusedPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.chunks is None:
+            raise RuntimeError("attention_pool's backward reuses its saved blocks, so it runs once per forward "
+                               "(retain_graph=True is not supported): run the forward again for a second backward")
         pos, wq, wk, wv, wc, values = ctx.saved_tensors
         heads, need = ctx.heads, ctx.needs_input_grad
         n, channels = values.shape
@@ -161,9 +167,7 @@ class _FusedPool(torch.autograd.Function):
         dwc = grad.T @ values if need[7] else None
         dbc = grad.sum(0) if need[8] else None
         dbv = dvalues.sum(0) if need[6] else None
-        dwv = torch.zeros_like(_by_head(wv, heads)) if need[5] else None
-        dwk = torch.zeros_like(_by_head(wk, heads)) if need[4] else None
-        dwq = torch.zeros_like(wq) if need[2] else None
+        dwv = dwk = dwq = None  # summed over chunks; the first chunk writes them (no zero-filled 16 MB blocks)
         dq_sum = values.new_zeros(channels)
         dpos = torch.zeros_like(pos) if need[1] else None
         dx = values.new_empty(n, channels, pos.shape[0] - 1) if need[0] else None
@@ -174,29 +178,32 @@ class _FusedPool(torch.autograd.Function):
             start = rows.stop
             m = len(t0)
             dv = dvalues[rows].view(m, heads, head_dim).transpose(0, 1)         # heads x m x d
-            if dwv is not None:
-                dwv.baddbmm_(dv.transpose(1, 2), z.transpose(0, 1))
+            if need[5]:
+                dwv = _accumulate(dwv, dv.transpose(1, 2), z.transpose(0, 1))
             if not upstream:
                 continue
-            dz = torch.bmm(dv, _by_head(wv, heads))                              # heads x m x C
+            # z and then u are spent once read, so their storage takes dz and du: no fresh 33 MB blocks to fault in
+            dz = torch.bmm(dv, _by_head(wv, heads), out=z.view(heads, m, channels))  # heads x m x C
             da = torch.bmm(dz.transpose(0, 1), tokens)                           # m x heads x L
             ds = attention * (da - (attention * da).sum(-1, keepdim=True))       # softmax backward
-            du = torch.bmm(ds, tokens.transpose(1, 2))                           # m x heads x C
-            if dwk is not None:
-                dwk.baddbmm_(q0.view(m, heads, head_dim).permute(1, 2, 0), du.transpose(0, 1))
+            if dpos is not None:  # dp_i = sum a_i dz + ds_i u over samples and heads; as dz = dv Wv_h and
+                # u = q0_h Wk_h, sum each head's L x d block first: half the products of summing dz and u
+                length = attention.shape[-1]
+                dpos.addmm_(torch.bmm(attention.permute(1, 2, 0), dv).transpose(0, 1).reshape(length, channels), wv)
+                score_part = torch.bmm(ds.permute(1, 2, 0), q0.view(m, heads, head_dim).transpose(0, 1))
+                dpos.addmm_(score_part.transpose(0, 1).reshape(length, channels), wk)
+            if dx is not None:                                                   # dt_i per sample (query part below)
+                dtokens = torch.bmm(dz.transpose(0, 1).transpose(1, 2), attention)
+                dtokens.baddbmm_(u.transpose(0, 1).transpose(1, 2), ds)           # m x C x L
+            du = torch.bmm(ds, tokens.transpose(1, 2), out=u.view(m, heads, channels))  # m x heads x C
+            if need[4]:
+                dwk = _accumulate(dwk, q0.view(m, heads, head_dim).permute(1, 2, 0), du.transpose(0, 1))
             dq = torch.bmm(du.transpose(0, 1), _by_head(wk, heads).transpose(1, 2))  # heads x m x d
             dq = dq.transpose(0, 1).reshape(m, channels) * head_dim ** -0.5      # d loss / d(Wq t0 + bq)
             dq_sum += dq.sum(0)
-            if dwq is not None:
-                dwq.addmm_(dq.T, t0)
-            a_hm = attention.transpose(0, 1).reshape(heads * m, -1)              # (heads m) x L
-            ds_hm = ds.transpose(0, 1).reshape(heads * m, -1)
-            if dpos is not None:                                                 # dp_i = sum a_i dz + ds_i u
-                dpos.addmm_(a_hm.T, dz.reshape(heads * m, channels))
-                dpos.addmm_(ds_hm.T, u.reshape(heads * m, channels))
-            if dx is not None:                                                   # dt_i per sample, then x's share
-                dtokens = torch.bmm(dz.transpose(0, 1).transpose(1, 2), attention)
-                dtokens.baddbmm_(u.transpose(0, 1).transpose(1, 2), ds)           # m x C x L
+            if need[2]:
+                dwq = _accumulate(dwq, dq.T, t0)
+            if dx is not None:                                                   # x's share of dt_i and dt_0
                 dt0 = dtokens[:, :, 0] + dq @ wq
                 dx[rows] = dtokens[:, :, 1:] + dt0.unsqueeze(-1) / dx.shape[-1]
         if dpos is not None:
@@ -226,58 +233,15 @@ def _fused_attention(attnpool: nn.Module, x: torch.Tensor, pos: torch.Tensor) ->
                    attnpool.num_heads)[-1]
 
 
-# --- "composed": the earlier implementation, kept while the lead compares (issue 17) ---------------
-def _composed_attention(attnpool: nn.Module, x: torch.Tensor, mean: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Head-wise attention of token 0 over all tokens: N x heads x (1 + H*W), p kept apart from x."""
-    n, channels, _ = x.shape
-    heads = attnpool.num_heads
-    head_dim = channels // heads
-    q0 = F.linear(mean + pos[0], attnpool.q_proj.weight, attnpool.q_proj.bias)    # N x C
-    q0 = q0 * head_dim ** -0.5
-    wk = attnpool.k_proj.weight.view(heads, head_dim, channels)                    # heads x d x C
-    u = torch.einsum("nhd,hdc->nhc", q0.view(n, heads, head_dim), wk)              # N x heads x C
-    scores = torch.cat([torch.bmm(u, mean.unsqueeze(-1)), torch.bmm(u, x)], dim=-1)  # u . x_i
-    scores = scores + u @ pos.T                                                     # + u . p_i
-    return scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-
-
-def _composed_pool(attnpool: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(-1)
-    n, channels, _ = x.shape
-    heads = attnpool.num_heads
-    head_dim = channels // heads
-    attention = _composed_attention(attnpool, x, mean, pos)                         # N x heads x L
-    z = torch.baddbmm(attention @ pos + attention[..., :1] * mean.unsqueeze(1), attention[..., 1:], x.transpose(1, 2))
-    wv = attnpool.v_proj.weight.view(heads, head_dim, channels)                     # heads x d x C
-    values = torch.einsum("nhc,hdc->nhd", z, wv) + attnpool.v_proj.bias.view(heads, head_dim)
-    return F.linear(values.reshape(n, channels), attnpool.c_proj.weight, attnpool.c_proj.bias)
-
-
-def _implementation(implementation: str | None) -> str:
-    chosen = POOLING if implementation is None else implementation
-    if chosen not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation={chosen!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    return chosen
-
-
-def attention_weights(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False,
-                      implementation: str | None = None) -> torch.Tensor:
+def attention_weights(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
     """Where the pooling looks: N x heads x (1 + H*W), rows sum to 1, index 0 is the mean token."""
     x, pos = _checked(attnpool, dense, interpolate_pos)
-    if _implementation(implementation) == "composed":
-        return _composed_attention(attnpool, x, x.mean(-1), pos)
     return _fused_attention(attnpool, x, pos)
 
 
-def attention_pool(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False,
-                   implementation: str | None = None) -> torch.Tensor:
-    """Pooled features N x D, equal to `attnpool(dense)` and differentiable in every attnpool tensor.
-
-    ``implementation``: "fused" or "composed" (None: the module's ``POOLING``); see ``IMPLEMENTATIONS``.
-    """
+def attention_pool(attnpool: nn.Module, dense: torch.Tensor, interpolate_pos: bool = False) -> torch.Tensor:
+    """Pooled features N x D, equal to `attnpool(dense)` and differentiable in every attnpool tensor."""
     x, pos = _checked(attnpool, dense, interpolate_pos)
-    if _implementation(implementation) == "composed":
-        return _composed_pool(attnpool, x, pos)
     return _fused_pool(attnpool, x, pos)
 
 

@@ -389,6 +389,15 @@ class Safe(FewShotMethod):
         return safe_logits(self.training.attnpool, self.original, test.dense.eval_view(), self.head.classifier,
                            self.head.logit_scale, self.blend.blend, blend_by=self.config.blend_by)
 
+    def attention_pools(self) -> tuple[nn.Module, nn.Module] | None:
+        """(fine-tuned, original) attention poolings, for measuring where each looks; None for RAFT's
+        background pooling, whose class query also attends to an extra token."""
+        if not self.fitted:
+            raise RuntimeError(f"{self.name}: call fit(data) before attention_pools")
+        if isinstance(self.training.attnpool, BackgroundPool):
+            return None
+        return self.training.attnpool, self.original
+
     def blend_sweep_accuracy(self, split: SplitFeatures, classes: Tensor | None = None) -> list[dict]:
         """Accuracy (percent) at every blend of ``blend_grid`` on a labelled split, e.g. the test split, for
         the fixed-blend variants of notebooks/06_ablations without retraining. Never for choosing anything:

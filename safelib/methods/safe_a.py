@@ -135,6 +135,10 @@ class SafeA(FewShotMethod):
             "safe": self.safe.chosen,
         }
 
+    def attention_pools(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """Its SAFE stage's (fine-tuned, original) attention poolings (see ``Safe.attention_pools``)."""
+        return self.safe.attention_pools()
+
     def _pool_views(self, dense: DenseMaps) -> tuple[Tensor, Tensor]:
         pairs = [self.safe.pool_both(dense.view(v)) for v in range(dense.num_views)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])

@@ -32,9 +32,11 @@ from .aggregate import records_frame
 from .config import RunConfig, RunConfigError, identity_of
 from .records import RECORD_FORMAT, jsonable, provenance, read_record, write_record
 from .. import data
+from ..clip.attnpool import attention_weights
 from ..clip.models import clip_digest, load_clip
 from ..clip.text import zero_shot_classifier
 from ..data import ImageSet, SplitDataset, get_dataset
+from ..data.targets import target_attention_mass, target_grid_masks
 from ..features.extract import cache_image_features
 from ..methods import METHODS, ClipHead, FewShotData, FewShotMethod, MethodConfig, SplitFeatures, accuracy
 from ..methods.presets import resolve_preset, selection_of
@@ -176,9 +178,30 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
     sweep = getattr(method, "blend_sweep_accuracy", None)  # SAFE: test accuracy at every blend of its grid,
     if sweep is not None:                                   # for notebooks/06_ablations only, never selection
         record["test_sweep"] = sweep(splits["test"], test_classes)
+    pools = getattr(method, "attention_pools", lambda: None)()  # SAFE and SAFE-A, on tasks with a drawn target
+    if pools is not None and data.has_targets(test_data.test):
+        with stages("attention"):
+            record["attention_on_target"] = attention_on_target(*pools, splits["test"], test_data.test)
     fitted = FittedRun(config=config, method=method, head=head, splits=splits, train_set=train_set,
                        val_set=val_set, test_set=test_data.test, test_classes=test_classes)
     return record, fitted
+
+
+@torch.no_grad()
+def attention_on_target(fine_tuned: torch.nn.Module, original: torch.nn.Module, test: SplitFeatures,
+                        images: ImageSet, batch_size: int = 256) -> dict[str, float]:
+    """Mean share of spatial attention on each test image's target (``data.target_attention_mass``), for the
+    original and the fine-tuned pooling: the number chapters 01, 02 and 06 read to see *where* SAFE looks."""
+    dense = test.dense.eval_view()
+    coverage = torch.as_tensor(target_grid_masks(images, dense.shape[-1]))
+    masses = {}
+    for name, pool in (("original", original), ("fine_tuned", fine_tuned)):
+        device = next(pool.parameters()).device
+        per_image = [target_attention_mass(attention_weights(pool, dense[s:s + batch_size].to(device)),
+                                           coverage[s:s + batch_size]).cpu()
+                     for s in range(0, len(dense), batch_size)]
+        masses[name] = float(torch.cat(per_image).mean())
+    return masses
 
 
 class RunWarning(UserWarning):

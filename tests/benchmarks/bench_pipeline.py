@@ -168,18 +168,14 @@ def synthetic_cache(root: str, images: int, views: int, shape: tuple[int, int, i
 
 
 def safe_epoch_seconds(attnpool, maps, labels, text, batch: int, epochs: int,
-                       open_clip_pool: bool = False, pooling: str | None = None,
-                       feature_augment: str = "none") -> tuple[float, float]:
+                       open_clip_pool: bool = False, feature_augment: str = "none") -> tuple[float, float]:
     """(wall, CPU) seconds per epoch of ``train_safe`` (CPU time: all threads, the reader's too).
 
-    pooling: safelib's implementation ("fused", "composed"; None: the module default);
     feature_augment: SafeConfig's option (views drawn from the maps while training)."""
     config = SafeConfig(epochs=epochs, batch_size=batch, lr=1e-5, feature_augment=feature_augment)
     original = safe_module.attention_pool
     if open_clip_pool:  # same trainer, pooling swapped for open_clip's full self-attention forward
         safe_module.attention_pool = lambda pool, x: pool(x)
-    elif pooling is not None:
-        safe_module.attention_pool = lambda pool, x: original(pool, x, implementation=pooling)
     try:
         cpu = time.process_time()
         result = train_safe(attnpool, maps, labels, text, 100.0, config, seed=1)
@@ -329,14 +325,11 @@ def main() -> None:
             print(f"\nSAFE epoch ({plan.placement} placement), same trainer: open_clip pooling {both(slow)} s, "
                   f"fast path {both(ours)} s -> {slow[0] / ours[0]:.1f}x"
                   + (f" ({slow[1] / ours[1]:.1f}x CPU)" if cpu_clock else ""))
-        # the same epoch with the fused pooling, and with feature-space augmentation drawn from the maps
-        variants = {"fused": safe_epoch_seconds(attnpool, place_maps(entry, plan, device), labels, text,
-                                                args.batch, args.measure_epochs, pooling="fused"),
-                    "fused + flip+crop": safe_epoch_seconds(attnpool, place_maps(entry, plan, device), labels, text,
-                                                            args.batch, args.measure_epochs, pooling="fused",
-                                                            feature_augment="flip+crop")}
-        print(f"SAFE epoch ({plan.placement}): default pooling {both(ours)} s; "
-              + "; ".join(f"{name} {both(pair)} s" for name, pair in variants.items()))
+        # the same epoch with feature-space augmentation drawn from the maps
+        variants = {"flip+crop": safe_epoch_seconds(attnpool, place_maps(entry, plan, device), labels, text,
+                                                    args.batch, args.measure_epochs, feature_augment="flip+crop")}
+        print(f"SAFE epoch ({plan.placement}): no augmentation {both(ours)} s; "
+              + "; ".join(f"{name} maps {both(pair)} s" for name, pair in variants.items()))
         print(f"load average (1 min) after the epoch variants: {os.getloadavg()[0]:.1f}")
         del entry
 
@@ -347,9 +340,8 @@ def main() -> None:
     for k, name in enumerate(clocks):
         per_view = max(1 / once[k] - 1 / decode["decode"][k], 0.0) / VIEWS     # crop + resize + normalise
         floor = images / decode["eval_view"][k] + images / trunk[best][k]
-        rows = [(f"K={views} image views, default pooling", views, ours[k]) for views in (1, 4, 10)]
-        rows += [(f"K={views} image views, fused pooling", views, variants["fused"][k]) for views in (1, 4, 10)]
-        rows.append(("K=1 + flip+crop maps, fused pooling", 1, variants["fused + flip+crop"][k]))
+        rows = [(f"K={views} image views", views, ours[k]) for views in (1, 4, 10)]
+        rows.append(("K=1 + flip+crop maps", 1, variants["flip+crop"][k]))
         for label, views, epoch_s in rows:
             decode_s = images * (1 / decode["decode"][k] + views * per_view)
             trunk_s = images * views / trunk[best][k]
