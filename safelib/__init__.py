@@ -93,7 +93,8 @@ from .methods.reference import reference_method_configs
 from .methods.safe import TRAINABLE_SETS, Safe, SafeConfig, train_safe, trainable_attnpool
 
 # --- performance: where the cache lives, measured rates ---
-from .perf import PROFILES, CachePlan, DeviceProfile, PlanError, Workload, calibrate, get_profile, plan_cache, profile_here
+from .perf import (PROFILES, CachePlan, DeviceProfile, NoFit, PlanError, Workload, calibrate, get_profile, plan_cache,
+                   profile_here, try_plan_cache)
 
 # --- runs: configs, records, tables ---
 from .runs import RunConfig, RunConfigError, provenance, read_record, run, run_grid, write_record

@@ -225,3 +225,39 @@ def test_run_protocol_runs_every_method_asked_and_lists_their_records(smoke):
     records = [json.loads((out / r).read_text()) for r in status["records"]]
     assert sorted(r["config"]["method"] for r in records) == ["safe", "tip_adapter", "zero_shot"]
     assert all(r["config"]["shots"] == 1 and r["config"]["seed"] == 1 for r in records)
+
+
+# A build machine with almost nothing free: the probes profile_here reads, replaced inside the kernel.
+TINY_MACHINE = """import safelib.perf.planner as _planner
+_planner._free_disk = lambda cache_dir: 1e9    # 1 GB of free disk
+_planner._available_ram = lambda: 8e9          # 8 GB of available RAM: room for one view of the maps
+"""
+
+
+def test_04_scale_renders_on_a_machine_with_1_gb_of_free_disk(tmp_path, monkeypatch):
+    """The chapter at its full-size defaults (16-shot ImageNet, K=10: a 32 GB cache) on a build machine
+    with 1 GB of free disk and 8 GB of RAM: it plans for the named profile as on any machine, says plainly
+    that the cache does not fit here and what would, plans the one view that does, and neither raises
+    (a CI build once failed here with PlanError) nor writes to stderr."""
+    import papermill
+
+    from safelib.reproduce.execute import ensure_kernel
+
+    monkeypatch.setenv("JUPYTER_PATH", os.environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ensure_kernel(tmp_path / "kernel")
+    nb = nbformat.read(NOTEBOOK_DIR / "04_scale.ipynb", as_version=4)
+    first = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(first + 1, nbformat.v4.new_code_cell(TINY_MACHINE))
+    source, out = tmp_path / "04_scale.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(nb, source)
+    papermill.execute_notebook(str(source), str(out), parameters={"calibration_mb": 2}, cwd=str(NOTEBOOK_DIR),
+                               kernel_name="python3", progress_bar=False)
+    text, figures, stderr = _outputs(nbformat.read(out, as_version=4))
+    assert stderr == ""
+    assert "on colab-t4" in text and "-> memmap" in text            # the named profile's plan, as on any machine
+    assert "the cache does not fit on here (cpu)" in text           # this machine: said, not raised
+    assert "memmap  needs  32.11 GB of   1.00 GB: does not fit" in text
+    assert "At most 1 view of 16000 images fits; or free 31.11 GB more disk" in text
+    assert "K=1 on here (cpu)" in text and "measured by calibrate()" in text  # the view that fits, planned
+    assert figures == 2                                             # cache by views; epoch predictions

@@ -1,4 +1,5 @@
 """Cache planner, placed maps feeding SAFE's trainer, calibration, and few-shot ImageNet from its archive."""
+import dataclasses
 import io
 import math
 import tarfile
@@ -17,8 +18,9 @@ from safelib.data.sampling import sample_few_shot
 from safelib.data.splits import read_class_folders
 from safelib.methods.safe import SafeConfig, train_safe
 from safelib.features.maps import DeviceMaps, StreamedMaps, place_maps
-from safelib.perf.planner import (GB, PROFILES, CachePlan, DeviceProfile, PlanError, Rates, Workload, get_profile,
-                             plan_cache, predict_epoch)
+from safelib.perf import planner
+from safelib.perf.planner import (GB, PROFILES, CachePlan, DeviceProfile, NoFit, PlanError, Rates, Workload,
+                                  get_profile, plan_cache, predict_epoch, profile_here, try_plan_cache)
 
 RATES = Rates(step_s=0.01, map_s=1e-3, gather_Bps={"device": 1e10, "pinned": 1e9, "memmap_warm": 5e8,
                                                      "memmap_cold": 1e8}, h2d_Bps=1e10, source="test")
@@ -63,6 +65,36 @@ def test_refuses_a_cache_that_fits_nowhere_with_the_numbers():
                               autocast_dtype="float16", nominal=RATES)
     with pytest.raises(PlanError, match=r"32\.11 GB.*memmap: needs 32\.11 GB, has 20\.00 GB.*At most 6 views"):
         plan_cache(Workload.few_shot(1000, 16, 10), tiny_disk)
+
+
+def test_try_plan_cache_says_what_would_fit_where_plan_cache_refuses(monkeypatch):
+    """A build machine with 1 GB of free disk and 8 GB of RAM (the probes profile_here reads): real work is
+    refused with PlanError; try_plan_cache returns the same refusal as a NoFit a notebook can print."""
+    monkeypatch.setattr(planner, "_free_disk", lambda cache_dir: 1 * GB)
+    monkeypatch.setattr(planner, "_available_ram", lambda: 8 * GB)
+    here = profile_here("cpu", rates=RATES)
+    assert here.disk_bytes == 1 * GB
+    workload = Workload.few_shot(1000, 16, 10)
+    with pytest.raises(PlanError) as refused:
+        plan_cache(workload, here, RATES)
+    nofit = try_plan_cache(workload, here, RATES)
+    assert isinstance(nofit, NoFit) and str(refused.value) == nofit.message
+    assert nofit.max_views == 1                                    # one 3.2 GB view fits in 5.85 GB of RAM
+    assert nofit.disk_short_bytes == pytest.approx(workload.cache_bytes - 1 * GB)
+    summary = nofit.summary()
+    assert "memmap  needs  32.11 GB of   1.00 GB: does not fit (max 0 views)" in summary
+    assert ("the cache does not fit on here (cpu). At most 1 view of 16000 images fits; "
+            "or free 31.11 GB more disk for the memmapped cache.") in summary
+    # what it says would fit does: that many views, or the full cache with that much more disk
+    assert isinstance(try_plan_cache(Workload.few_shot(1000, 16, nofit.max_views), here, RATES), CachePlan)
+    roomier = dataclasses.replace(here, disk_bytes=here.disk_bytes + nofit.disk_short_bytes)
+    assert plan_cache(workload, roomier, RATES).placement == "memmap"
+    # a cache that fits comes back as the same plan plan_cache makes
+    assert try_plan_cache(workload, PROFILES["colab-t4"]) == plan_cache(workload, PROFILES["colab-t4"])
+    # not even one view: fewer images, and the disk still missing
+    tiny = dataclasses.replace(here, ram_bytes=3 * GB)
+    assert try_plan_cache(workload, tiny, RATES).what_would_fit() == (
+        "At most 0 views of 16000 images fit: use fewer images; or free 31.11 GB more disk for the memmapped cache.")
 
 
 def test_a_requested_placement_that_does_not_fit_is_refused():

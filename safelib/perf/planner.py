@@ -11,7 +11,9 @@ SAFE epoch reads one cached view of every image, so the cache can live in one of
 The planner takes the fastest place the cache fits in, with the sizes written down, and predicts
 the epoch from rates *measured* on the machine (``safelib.perf.calibration``): bytes read from disk,
 bytes copied to the device, and the attnpool's compute per map. A plan that fits nowhere is refused
-with the numbers. ``CachePlan.as_record()`` is the plain dict a run record stores.
+with the numbers (``PlanError``); ``try_plan_cache`` returns the same refusal as a ``NoFit`` value instead,
+for a page that shows what fits on whatever machine renders it. ``CachePlan.as_record()`` is the plain dict
+a run record stores.
 Taught in the book's "SAFE at ImageNet scale" chapter (notebooks/04_scale.ipynb).
 """
 from __future__ import annotations
@@ -197,6 +199,10 @@ class Workload:
     def steps(self) -> int:
         return -(-self.images // self.batch_size)
 
+    def views_within(self, budget_bytes: float) -> int:
+        """The most views of these images whose maps fit in ``budget_bytes``."""
+        return int(budget_bytes // self.epoch_bytes)
+
 
 @dataclass(frozen=True)
 class CachePlan:
@@ -219,7 +225,7 @@ class CachePlan:
 
     def max_views(self, placement: str) -> int:
         """The most views that would fit ``placement`` for this many images."""
-        return int(self.profile.budget(placement) // (self.workload.images * self.workload.map_bytes))
+        return self.workload.views_within(self.profile.budget(placement))
 
     def as_record(self) -> dict:
         """Plain values for the run record: decision, sizes, prediction, and where the rates came from."""
@@ -242,16 +248,72 @@ class CachePlan:
     def summary(self) -> str:
         """A few lines a notebook can print."""
         w, p = self.workload, self.predictions[self.placement]
-        lines = [f"{w.name or 'workload'} on {self.profile.name}: cache {w.cache_bytes / GB:.1f} GB "
-                 f"({w.images} images x {w.views} views x {w.map_bytes / 1e3:.1f} kB)"]
-        for place, fit in self.fits.items():
-            mark = "fits" if fit["fits"] else "does not fit"
-            lines.append(f"  {place:<7} needs {fit['needed'] / GB:6.2f} GB of {fit['budget'] / GB:6.2f} GB: {mark}"
-                         f" (max {self.max_views(place)} views)")
+        lines = _fit_lines(w, self.profile, self.fits)
         lines.append(f"  -> {self.placement}: per epoch {p['disk_read_bytes'] / GB:.2f} GB from disk, "
                      f"{p['h2d_bytes'] / GB:.2f} GB to the device; predicted {p['epoch_s']:.2f} s/epoch "
                      f"(io {p['io_s']:.2f} s, compute {p['compute_s']:.2f} s), {self.run_s:.1f} s for "
                      f"{w.epochs} epochs; rates {self.rates.source}")
+        return "\n".join(lines)
+
+
+def _fit_lines(workload: Workload, profile: DeviceProfile, fits: dict) -> list[str]:
+    """The summary's head: the cache's size, then each placement's need, budget and most views."""
+    w = workload
+    lines = [f"{w.name or 'workload'} on {profile.name}: cache {w.cache_bytes / GB:.1f} GB "
+             f"({w.images} images x {w.views} views x {w.map_bytes / 1e3:.1f} kB)"]
+    for place, fit in fits.items():
+        mark = "fits" if fit["fits"] else "does not fit"
+        lines.append(f"  {place:<7} needs {fit['needed'] / GB:6.2f} GB of {fit['budget'] / GB:6.2f} GB: {mark}"
+                     f" (max {w.views_within(fit['budget'])} views)")
+    return lines
+
+
+@dataclass(frozen=True)
+class NoFit:
+    """A cache that fits in none of the placements tried, with the sizes and what would fit.
+
+    ``plan_cache`` raises this as ``PlanError(nofit.message)``: real work must not go on without a place
+    for its cache. ``try_plan_cache`` returns it, for a notebook that shows what fits on whatever machine
+    runs it (a book page must render on a build machine with little free disk).
+    """
+
+    workload: Workload
+    profile: DeviceProfile
+    fits: dict  # placement -> {"needed", "budget", "fits"}, the placements tried
+
+    @property
+    def max_views(self) -> int:
+        """The most views of these images that fit in any placement tried (0: not even one)."""
+        return max(self.workload.views_within(f["budget"]) for f in self.fits.values())
+
+    @property
+    def disk_short_bytes(self) -> float | None:
+        """Free disk still missing for the memmapped cache (None when memmap was not tried)."""
+        fit = self.fits.get("memmap")
+        return None if fit is None else fit["needed"] - fit["budget"]
+
+    def what_would_fit(self) -> str:
+        """One sentence: the most views that fit, and the free disk the memmapped cache still lacks."""
+        w, n = self.workload, self.max_views
+        text = (f"At most {n} view of {w.images} images fits" if n == 1
+                else f"At most {n} views of {w.images} images fit" + ("" if n else ": use fewer images"))
+        if self.disk_short_bytes is not None:
+            text += f"; or free {self.disk_short_bytes / GB:.2f} GB more disk for the memmapped cache"
+        return text + "."
+
+    @property
+    def message(self) -> str:
+        """The refusal: the cache's size, each placement's need and budget, and what would fit."""
+        w = self.workload
+        table = "; ".join(f"{p}: needs {f['needed'] / GB:.2f} GB, has {f['budget'] / GB:.2f} GB"
+                          for p, f in self.fits.items())
+        return (f"the cache of {w.name or 'this workload'} ({w.images} images x {w.views} views x {w.map_bytes} B "
+                f"= {w.cache_bytes / GB:.2f} GB) does not fit on {self.profile.name}: {table}. {self.what_would_fit()}")
+
+    def summary(self) -> str:
+        """A few lines a notebook can print, in the layout of ``CachePlan.summary``."""
+        lines = _fit_lines(self.workload, self.profile, self.fits)
+        lines.append(f"  -> the cache does not fit on {self.profile.name}. {self.what_would_fit()}")
         return "\n".join(lines)
 
 
@@ -303,6 +365,18 @@ def plan_cache(workload: Workload, profile: DeviceProfile, rates: Rates | None =
 
     ``rates`` default to the profile's nominal ones; pass ``calibrate(...)``'s measured rates on the machine
     that trains. Every placement that fits gets a prediction, so a record shows what was given up.
+    Raises ``PlanError`` when the cache fits nowhere (``try_plan_cache`` returns that as a ``NoFit``).
+    """
+    plan = try_plan_cache(workload, profile, rates, placement)
+    if isinstance(plan, NoFit):
+        raise PlanError(plan.message)
+    return plan
+
+
+def try_plan_cache(workload: Workload, profile: DeviceProfile, rates: Rates | None = None,
+                   placement: str | None = None) -> CachePlan | NoFit:
+    """``plan_cache``, but a cache that fits nowhere comes back as a ``NoFit`` (sizes, what would fit)
+    instead of raising: for a notebook that must render on any machine, not for a run that needs the plan.
     """
     rates = rates or profile.nominal
     if rates is None:
@@ -322,15 +396,7 @@ def plan_cache(workload: Workload, profile: DeviceProfile, rates: Rates | None =
     else:
         chosen = next((p for p in profile.placements if fits[p]["fits"]), None)
     if chosen is None:
-        table = "; ".join(f"{p}: needs {f['needed'] / GB:.2f} GB, has {f['budget'] / GB:.2f} GB"
-                          for p, f in fits.items() if placement in (None, p))
-        per_view = workload.images * workload.map_bytes
-        best = max(profile.budget(p) for p in profile.placements)
-        raise PlanError(
-            f"the cache of {workload.name or 'this workload'} ({workload.images} images x {workload.views} views x "
-            f"{workload.map_bytes} B = {workload.cache_bytes / GB:.2f} GB) does not fit on {profile.name}: {table}. "
-            f"At most {int(best // per_view)} views of {workload.images} images fit; use fewer views or "
-            "fewer images, or free disk space for the memmapped cache.")
+        return NoFit(workload, profile, {p: f for p, f in fits.items() if placement in (None, p)})
     return CachePlan(chosen, profile, workload, rates, predictions, fits)
 
 
@@ -384,6 +450,14 @@ def _available_ram() -> float:
     return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def _free_disk(cache_dir: str | os.PathLike) -> float:
+    """Free bytes on the file system that holds ``cache_dir`` (its nearest existing parent if not made yet)."""
+    path = Path(cache_dir)
+    while not path.exists():
+        path = path.parent
+    return float(shutil.disk_usage(path).free)
+
+
 def profile_here(device: str | torch.device = "cuda" if torch.cuda.is_available() else "cpu",
                  cache_dir: str | os.PathLike = ".", rates: Rates | None = None) -> DeviceProfile:
     """This machine as a profile: free GPU memory, available RAM, free disk under ``cache_dir``."""
@@ -393,11 +467,8 @@ def profile_here(device: str | torch.device = "cuda" if torch.cuda.is_available(
     if device.type == "cuda":
         gpu = float(torch.cuda.mem_get_info(device)[0])
         autocast = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    path = Path(cache_dir)
-    while not path.exists():
-        path = path.parent
     return DeviceProfile(f"here ({device.type})", "cuda" if device.type == "cuda" else "cpu", gpu_bytes=gpu,
-                         ram_bytes=_available_ram(), disk_bytes=float(shutil.disk_usage(path).free),
+                         ram_bytes=_available_ram(), disk_bytes=_free_disk(cache_dir),
                          cpus=os.cpu_count() or 1, autocast_dtype=autocast,
                          gpu_reserve_bytes=1.5 * GIB if gpu else 0.0, ram_reserve_bytes=2.0 * GIB,
                          nominal=rates, notes="measured now: free GPU memory, MemAvailable, free disk")

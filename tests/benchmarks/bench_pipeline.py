@@ -40,7 +40,7 @@ from safelib.data import ImageSet, ViewSpec
 from safelib.data.loading import ImageViews
 from safelib.methods.safe import SafeConfig, train_safe
 from safelib.features.maps import place_maps
-from safelib.perf.planner import GB, Workload, plan_cache, profile_here
+from safelib.perf.planner import GB, Workload, plan_cache, profile_here, try_plan_cache
 
 FULL_CLASSES, SHOTS, VIEWS = 1000, 16, 10
 
@@ -375,10 +375,12 @@ def main() -> None:
           f"{epoch_bytes / bandwidth * 1e3:.1f} ms floor; measured epoch {ours[0]:.2f} s")
     if scale > 1:
         full = Workload.few_shot(FULL_CLASSES, SHOTS, VIEWS, batch_size=args.batch, epochs=args.epochs)
-        full_plan = plan_cache(full, profile_here(device, args.cache_dir or tempfile.gettempdir(), plan.rates),
-                               plan.rates)
-        print(f"\nfull size on this machine (planner, same wall rates): {full_plan.placement}, "
-              f"{full_plan.epoch_s:.0f} s/epoch predicted; trunk {full.images * VIEWS / trunk[best][0] / 3600:.1f} h, "
+        full_plan = try_plan_cache(full, profile_here(device, args.cache_dir or tempfile.gettempdir(), plan.rates),
+                                   plan.rates)
+        where = (f"{full_plan.placement}, {full_plan.epoch_s:.0f} s/epoch predicted" if isinstance(full_plan, sl.CachePlan)
+                 else full_plan.message)  # a machine without the disk for it says so rather than stopping
+        print(f"\nfull size on this machine (planner, same wall rates): {where}; "
+              f"trunk {full.images * VIEWS / trunk[best][0] / 3600:.1f} h, "
               f"decode + views {full.images / once[0] / 3600:.2f} h in one process")
     print(f"\nbenchmark wall time {time.perf_counter() - wall:.0f} s")
 
