@@ -9,10 +9,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import safelib.data as D
 import safelib.runs as runs
 from safelib.clip import CHECKPOINT, load_clip, weights_file_digest
+from safelib.data.splits import read_class_folders
 from safelib.runs import RunConfig, RunConfigError, read_record, write_record
 from safelib.runs.aggregate import aggregate, load_records
 from safelib.runs.runner import RunWarning
@@ -117,3 +120,57 @@ def test_records_say_what_was_loaded(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runs.run(_config(tmp_path)) == record  # resumed: the same record, nothing redone
+
+
+# ----------------------------------------------------------------- a user's image folder: its files name the run
+FOLDER = "toy_identity_folder"
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30)}
+
+
+def _folder_splits(dataset_dir: Path) -> tuple:
+    """A user's dataset: one sub-folder of images per class, cut into train/val/test."""
+    return D.fixed_split(read_class_folders(dataset_dir, list(COLOURS), list(COLOURS), FOLDER))
+
+
+@pytest.fixture
+def folder_dataset(tmp_path):
+    """``tmp_path/data/toy/<class>/<k>.png``, registered as a custom dataset read from that folder."""
+    for name, colour in COLOURS.items():
+        folder = tmp_path / "data" / "toy" / name
+        folder.mkdir(parents=True)
+        for k in range(10):  # 5 train, 1 val, 4 test (fixed_split's fractions)
+            Image.new("RGB", (48, 48), tuple(c + 5 * k for c in colour)).save(folder / f"{k}.png")
+    D.register(FOLDER, _folder_splits, overwrite=True, kind="custom", folder="toy", templates=("a photo of a {}.",))
+    yield tmp_path / "data"
+    D.unregister(FOLDER)
+
+
+def test_a_folder_dataset_with_an_edited_image_is_a_new_run(tmp_path, folder_dataset):
+    """The identity held the dataset's name only, so a rerun after a user edited an image returned the
+    stale record; now it holds the folder's files (their content digest, stored as ``data_digest``)."""
+    def config() -> RunConfig:  # built afresh each time, as a rerun in a new process would
+        return _config(tmp_path, dataset=FOLDER, dataset_options={}, data_root=str(folder_dataset))
+
+    before = config()
+    first = runs.run(before)
+    assert config().identity == before.identity and runs.run(config()) == first  # unchanged folder: resumed
+    Image.new("RGB", (48, 48), (30, 30, 200)).save(folder_dataset / "toy" / "red" / "0.png")  # same name, new bytes
+    after = config()
+    second = runs.run(after)
+    assert second["identity"] != first["identity"]  # not the stale record
+    assert after.identity == second["identity"] and after.record_path() != before.record_path()
+    assert second["data_digest"] == after.data_digest != first["data_digest"] == before.data_digest
+    assert len(first["data_digest"]) == 16
+    assert RunConfig.from_dict(second["config"]).identity == second["identity"]  # the files as they are now
+    assert read_record(before.record_path()) == first  # the old record stays, named by the old files
+    assert len(aggregate(load_records(tmp_path / "runs"))) == 2  # two cells: one dataset name, two contents
+
+
+def test_registry_and_generated_datasets_are_named_without_reading_any_data(tmp_path):
+    """The benchmarks' and the mini-world's identities stay what they were, with no data present
+    (loading DTD or ImageNet from an empty data root would raise ``DatasetMissingError``)."""
+    for changes in ({}, {"dataset": "dtd", "dataset_options": {}}, {"dataset": "imagenet", "dataset_options": {},
+                                                                    "test_dataset": "imagenet_a"}):
+        config = _config(tmp_path, data_root=str(tmp_path / "no-data"), **changes)
+        assert config.data_digest is None
+        assert config.identity == runs.config.identity_of(config.to_dict(), config.weights_digest)

@@ -5,7 +5,7 @@ offline sets, generated ones) and comes back from :func:`get_dataset` as train/v
 :class:`ImageSet` s. ``python -m safelib.data`` prints the registry and what is missing.
 """
 from .benchmarks import adopt_torchvision, imagenet_names, register_benchmarks
-from .fingerprint import image_files_digest
+from .fingerprint import dataset_files_digest, image_files_digest, joined_digest
 from .imageset import FolderReader, ImageSet, check_confined
 from .loading import ImageViews, ViewBatch, ViewSpec, collate_views, view_loader, view_seed
 from .miniworld_tasks import TargetTask, has_targets, register_miniworld
@@ -34,8 +34,8 @@ register_miniworld()  # the generated mini-world tasks: always present
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "IMAGENET_TEMPLATES", "TEMPLATES", "TargetTask", "DatasetMissingError", "DatasetSpec", "FewShotWarning", "FolderReader", "ImageSet",
     "ImageViews", "SplitDataset", "SplitFormatError", "ViewBatch", "ViewSpec", "adopt_torchvision",
-    "check_confined", "check_dataset_options", "clean_classname", "collate_views", "data_root", "dataset_spec", "eval_transform", "few_shot_filename",
-    "fixed_split", "get_dataset", "has_targets", "image_files_digest", "imagenet_names", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
+    "check_confined", "check_dataset_options", "clean_classname", "collate_views", "data_root", "dataset_files_digest", "dataset_spec", "eval_transform", "few_shot_filename",
+    "fixed_split", "get_dataset", "has_targets", "image_files_digest", "imagenet_names", "joined_digest", "list_datasets", "load_few_shot", "preprocess_images", "read_coop_split",
     "read_fgvc_aircraft", "register", "sample_few_shot", "save_few_shot", "train_transform", "unregister",
     "view_loader", "view_seed",
 ]

@@ -10,6 +10,9 @@ Hashing a test split (ImageNet's is 6.4 GB) on every run would cost minutes, so 
 remembered in a small JSON memo beside the cache, keyed by path, size, ``mtime_ns`` and
 ``ctime_ns``. The memo only avoids rehashing; it never decides the identity. A read-only cache
 folder just means no memo is written.
+
+A run on a user-registered (``kind="custom"``) dataset is named by the same digests
+(``dataset_files_digest``), so a rerun after its images changed is a new run, not the old record.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from ..atomic import atomic_write_json
 from .imageset import FolderReader, ImageSet
+from .registry import dataset_spec, get_dataset
 
 MEMO_VERSION = 1
 _READ_BYTES = 1 << 20
@@ -83,3 +88,28 @@ def image_files_digest(images: ImageSet, memo_dir: str | os.PathLike | None = No
         except OSError:
             pass  # a read-only cache folder: the digest is right, only the next call hashes again
     return digest.hexdigest()
+
+
+def dataset_files_digest(name: str, root: str | os.PathLike | None = None, options: Mapping[str, Any] | None = None,
+                         splits: Sequence[str] = ("train", "val", "test"),
+                         memo_dir: str | os.PathLike | None = None) -> str | None:
+    """A digest of the files behind ``splits`` of a user-registered (``kind="custom"``) dataset, or None.
+
+    Only custom datasets are loaded and read: the registry's benchmarks and offline sets are fixed,
+    published files (a run's identity on them must stay computable without them, and hashing
+    ImageNet would cost minutes), and generated sets' names and options say what they hold. A custom
+    set is whatever its folder holds now. None too when none of its splits is read from a folder.
+    """
+    if dataset_spec(name).kind != "custom":
+        return None
+    dataset = get_dataset(name, root, **dict(options or {}))
+    return joined_digest({split: image_files_digest(images, memo_dir) for split in splits
+                          if (images := getattr(dataset, split)) is not None})
+
+
+def joined_digest(parts: Mapping[str, str | None]) -> str | None:
+    """One 16-hex-digit digest of named digests (those that are None left out); None when all are."""
+    kept = {name: d for name, d in parts.items() if d is not None}
+    if not kept:
+        return None
+    return hashlib.blake2b(json.dumps(kept, sort_keys=True).encode(), digest_size=8).hexdigest()

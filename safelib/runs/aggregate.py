@@ -25,10 +25,11 @@ BENCHMARK_MEAN = "mean (11 datasets)"
 # dataset_options and test_dataset: canonical JSON / a name ("" = dataset's own test split);
 # setting: the canonical JSON of the method's flattened settings (``RunConfig.setting``).
 # weights_digest: the weights file's content hash ("" for tags and random weights), so runs on two
-# files with one name (a re-pretrained mini-CLIP) never share a cell.
-GROUP = ["dataset", "dataset_options", "test_dataset", "backbone", "weights", "weights_digest", "method", "setting",
-         "shots"]
-DATA_COLUMNS = ("dataset", "dataset_options", "test_dataset")
+# files with one name (a re-pretrained mini-CLIP) never share a cell; data_digest likewise for a custom
+# dataset's image files ("" for the registry's and generated sets), so runs before and after an edit never do.
+GROUP = ["dataset", "dataset_options", "data_digest", "test_dataset", "backbone", "weights", "weights_digest", "method",
+         "setting", "shots"]
+DATA_COLUMNS = ("dataset", "dataset_options", "data_digest", "test_dataset")
 METRICS = ["val_acc", "test_acc", "wall_seconds"]
 
 
@@ -58,6 +59,7 @@ def records_frame(records: Iterable[tuple[Mapping[str, Any], str | os.PathLike]]
         test_options = config.get("test_dataset_options") or {}
         rows.append({
             "dataset": config["dataset"], "dataset_options": _canonical(config.get("dataset_options") or {}),
+            "data_digest": record.get("data_digest") or "",
             "test_dataset": "" if test is None else test + (f" {_canonical(test_options)}" if test_options else ""),
             "backbone": config["backbone"], "weights": str(config["weights"]),
             "weights_digest": record.get("weights_digest") or "", "method": config["method"],
@@ -114,7 +116,8 @@ def benchmark_mean(records: pd.DataFrame, datasets: Sequence[str] | None = None)
     per_seed = per_seed[per_seed["n"] == len(datasets)].drop(columns="n")
     per_seed.insert(0, "dataset", BENCHMARK_MEAN)
     per_seed.insert(1, "dataset_options", _canonical({}))
-    per_seed.insert(2, "test_dataset", "")
+    per_seed.insert(2, "data_digest", "")
+    per_seed.insert(3, "test_dataset", "")
     return _over_seeds(per_seed)
 
 
@@ -138,7 +141,8 @@ def summary_table(table: pd.DataFrame, metric: str = "test_acc", digits: int = 1
     cells = table.assign(cell=table.apply(cell, axis=1))
     cells["dataset_options"] = _in_words(cells, "dataset_options", "dataset")
     cells["setting"] = _in_words(cells, "setting", ["dataset", "method"])
-    varying = [c for c in ("dataset_options", "test_dataset", "backbone", "weights", "weights_digest", "setting")
+    varying = [c for c in ("dataset_options", "data_digest", "test_dataset", "backbone", "weights", "weights_digest",
+                           "setting")
                if cells[c].nunique() > 1]
     return cells.pivot(index=["dataset", "method", *varying], columns="shots", values="cell")
 

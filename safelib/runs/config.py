@@ -24,7 +24,7 @@ import torch
 from .records import RECORD_SUFFIX, jsonable
 from .. import data
 from ..clip.models import MINICLIP, valid_model_names, weight_tags, weights_file_digest
-from ..features.extract import AUTOCAST_DTYPES
+from ..features.extract import AUTOCAST_DTYPES, IMAGE_DIGESTS
 from ..methods import METHODS, MethodConfig, method_config
 from ..methods.presets import without_later_fields
 
@@ -172,14 +172,30 @@ class RunConfig:
         """A content hash of the weights file (the shipped mini-CLIP's too); None for tags and random weights."""
         return weights_file_digest(self.backbone, self.weights)
 
+    @functools.cached_property
+    def data_digest(self) -> str | None:
+        """A content digest of a user-registered (custom) dataset's image files, and of the test
+        dataset's test split; None for the registry's and generated sets, whose data is not read.
+
+        Computed once per config (the hashes are memoised beside the feature cache, which then reuses them).
+        """
+        memo = Path(self.cache_dir) / IMAGE_DIGESTS
+        own = data.dataset_files_digest(self.dataset, self.data_root, self.dataset_options, memo_dir=memo)
+        if self.test_dataset is None:
+            return own
+        test = data.dataset_files_digest(self.test_dataset, self.data_root, self.test_dataset_options,
+                                         splits=("test",), memo_dir=memo)
+        return data.joined_digest({"dataset": own, "test_dataset": test})
+
     @property
     def identity(self) -> str:
         """A short hash of what the run computes (not where files live): part of the record's name.
 
         It covers the weights' content, not only their name: a file replaced at the same path (a
         re-pretrained mini-CLIP) gives a new identity, so resume never serves the old file's records.
+        Likewise a custom dataset's image files (``data_digest``): edit one image, and it is a new run.
         """
-        return identity_of(self._plain, self.weights_digest)
+        return identity_of(self._plain, self.weights_digest, self.data_digest)
 
     @property
     def setting(self) -> dict[str, Any]:
@@ -203,13 +219,17 @@ class RunConfig:
         return cls(**values)
 
 
-def identity_of(plain: Mapping[str, Any], weights_digest: str | None = None) -> str:
-    """The identity hash of a config's plain dict (``RunConfig.to_dict()`` or a record's ``config``) and
-    its weights file's content digest (``RunConfig.weights_digest``, a record's ``weights_digest``)."""
+def identity_of(plain: Mapping[str, Any], weights_digest: str | None = None, data_digest: str | None = None) -> str:
+    """The identity hash of a config's plain dict (``RunConfig.to_dict()`` or a record's ``config``), its
+    weights file's content digest (``RunConfig.weights_digest``, a record's ``weights_digest``) and its
+    image files' digest (``RunConfig.data_digest``, a record's ``data_digest``). A digest that is None
+    adds nothing, so runs on the registry's and generated sets keep their names."""
     fields = {k: v for k, v in plain.items()
               if k not in _NOT_IDENTITY and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
     if weights_digest is not None:
         fields["weights_digest"] = weights_digest
+    if data_digest is not None:
+        fields["data_digest"] = data_digest
     if isinstance(fields.get("method_config"), Mapping):  # and the method configs' later fields (presets)
         fields["method_config"] = without_later_fields(fields["method_config"])
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

@@ -151,10 +151,11 @@ def _run(config: RunConfig, clip: Any, progress: bool, datasets: LoadDataset) ->
     record = {
         "format": RECORD_FORMAT,
         "config": plain,
-        "identity": identity_of(plain, config.weights_digest),
+        "identity": identity_of(plain, config.weights_digest, config.data_digest),
         # what was loaded: the weights file's content hash (None: a tag or random) and the whole model's
         "weights_digest": config.weights_digest,
         "model_digest": clip_digest(clip),
+        "data_digest": config.data_digest,  # a custom dataset's image files (None: a registry or generated set)
         "val_acc": accuracy(val_logits, splits["val"].labels),
         "test_acc": accuracy(test_logits, splits["test"].labels),
         "chosen": jsonable(method.chosen),
