@@ -1,6 +1,7 @@
 """The mini-CLIP: config, deterministic resumable pretraining, fp16 export, the shipped checkpoint."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -74,6 +75,8 @@ def test_export_roundtrip_is_fp16_with_config_metadata(tmp_path):
     torch.manual_seed(0)
     model = clip_from_config(TINY.to_open_clip()).eval()
     export_checkpoint(model, cfg, {"steps_done": 0}, tmp_path / "m.safetensors")
+    digest = (tmp_path / "m.safetensors.sha256").read_text().split()
+    assert digest == [hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest(), "m.safetensors"]
     meta = read_metadata(tmp_path / "m.safetensors")
     assert meta["open_clip_config"] == TINY.to_open_clip() and meta["summary"] == {"steps_done": 0}
     loaded = build_miniclip(tmp_path / "m.safetensors")

@@ -331,3 +331,21 @@ def test_few_shot_warnings_say_how_many_images_and_shots():
     with pytest.warns(D.FewShotWarning, match=r"class 'few' has only 3 images but 8 shots per class were asked "
                                               r"for: drawing 8 with replacement"):
         D.sample_few_shot(images, 8, seed=1, val_shots=0)
+
+
+def test_a_byte_flipped_checkpoint_is_refused_by_its_digest(tmp_path):
+    """Review case 1.34: safetensors has no checksum, so flipped bytes in a tensor loaded silently. The
+    sha256 written beside an exported checkpoint (the shipped one too) now catches them before any work."""
+    copy_ = tmp_path / "miniclip.safetensors"
+    shutil.copy(CHECKPOINT, copy_)
+    shutil.copy(CHECKPOINT.with_name(CHECKPOINT.name + ".sha256"), tmp_path / "miniclip.safetensors.sha256")
+    build_miniclip(copy_)  # an intact copy with its digest loads
+    data = bytearray(copy_.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + 4096, 7):  # the review's damage: every 7th byte of a 4 KiB window
+        data[i] ^= 0xFF
+    copy_.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged or was edited: its sha256 is .* recorded"):
+        build_miniclip(copy_)
+    with pytest.raises(ValueError, match="damaged"):
+        sl.load_clip("miniclip", str(copy_))

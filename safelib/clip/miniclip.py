@@ -11,6 +11,7 @@ It is the offline default model: ``load_clip("miniclip")`` calls ``build_minicli
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from open_clip.factory import set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..atomic import atomic_write_text
 
 @dataclass(frozen=True)
 class MiniClipConfig:
@@ -157,6 +160,43 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, what: str) -> d
     return metadata
 
 
+DIGEST_SUFFIX = ".sha256"  # beside a checkpoint we exported: its bytes' sha256 (safetensors has no checksum)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_digest_beside(path: str | os.PathLike) -> Path:
+    """Write ``path``'s sha256 to ``path.sha256`` (``sha256sum`` format), so a damaged copy is caught on load."""
+    path = Path(path)
+    return atomic_write_text(path.with_name(path.name + DIGEST_SUFFIX), f"{file_sha256(path)}  {path.name}\n")
+
+
+def check_digest_beside(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint whose bytes no longer match the sha256 written beside it when it was exported.
+
+    safetensors stores no checksum, so a flipped byte in a tensor loads without error and silently
+    changes every number computed with the model; the digest file catches that. No digest file: no check.
+    """
+    path = Path(path)
+    beside = path.with_name(path.name + DIGEST_SUFFIX)
+    if not beside.is_file():
+        return
+    words = beside.read_text().split()
+    expected = words[0] if words else ""
+    found = file_sha256(path)
+    if found != expected:
+        raise ValueError(f"{path} is damaged or was edited: its sha256 is {found[:16]}..., but {beside.name} "
+                         f"recorded {expected[:16]}... when it was exported. Reinstall safelib for the shipped "
+                         "mini-CLIP, or export the checkpoint again")
+
+
 def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_clip.model.CLIP:
     """The mini-CLIP, in eval mode and float32, with weights from `state_dict_path` (default: the shipped one)."""
     path = Path(state_dict_path) if state_dict_path is not None else CHECKPOINT
@@ -165,6 +205,7 @@ def build_miniclip(state_dict_path: str | os.PathLike | None = None) -> open_cli
             f"mini-CLIP checkpoint {path} not found; the shipped one is {CHECKPOINT}, "
             "or train one with `python -m safelib.experiments.miniclip_pretrain`"
         )
+    check_digest_beside(path)
     config = read_metadata(path)[META_KEY]
     try:
         model = clip_from_config(config)

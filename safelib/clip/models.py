@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .attnpool import attention_pool
-from .miniclip import CHECKPOINT, build_miniclip, load_weights_file, record_preprocess_cfg
+from .miniclip import CHECKPOINT, build_miniclip, file_sha256, load_weights_file, record_preprocess_cfg
 
 # Every open_clip ResNet CLIP and the weight tags open_clip knows for it.
 RESNET_MODELS: tuple[str, ...] = ("RN50", "RN101", "RN50x4", "RN50x16", "RN50x64")
@@ -298,11 +298,7 @@ def weights_file_digest(name: str, weights: str | os.PathLike | None) -> str | N
 @functools.lru_cache(maxsize=64)
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file's bytes (first 16 hex digits); size and mtime only key the memo, never the digest."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()

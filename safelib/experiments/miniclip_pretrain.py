@@ -51,7 +51,8 @@ from safetensors.torch import save_file
 
 from ..atomic import atomic_path, atomic_write_json
 from ..data import miniworld as mw
-from ..clip.miniclip import CHECKPOINT, META_KEY, MiniClipConfig, build_miniclip, clip_from_config, get_tokenizer
+from ..clip.miniclip import (CHECKPOINT, META_KEY, MiniClipConfig, build_miniclip, clip_from_config, get_tokenizer,
+                             write_digest_beside)
 from ..data.transforms import preprocess_images
 
 LOG_PATH = CHECKPOINT.with_name("miniclip_pretrain.json")
@@ -191,6 +192,7 @@ def export_checkpoint(model: torch.nn.Module, cfg: PretrainConfig, summary: dict
     }
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
+    write_digest_beside(path)  # safetensors has no checksum: build_miniclip checks the bytes against it
 
 
 def pretrain(
