@@ -222,6 +222,7 @@ def test_records_keep_attention_on_target_and_the_chapter_reads_safe_a_choices(t
     assert (measured["attention"] != measured["attention_original"]).all()  # fine-tuning moved the attention
     adapters = frame[frame["choice"] == "SAFE-A: which adapter"]
     assert sorted(adapters["label"]) == ["CLIP-Adapter"] * 2 + ["Tip-Adapter-F"] * 2
+    assert adapters["attention"].isna().all()  # SAFE-A's pooling is its SAFE stage's: nothing to compare
     inputs = ablations.choice_effects(frame, ablations.choice("SAFE-A (Tip-Adapter-F): the adapter's input"))
     assert list(inputs["setting"]) == ["original (b = 0)"] and int(inputs["n"].iloc[0]) == 2
     fig = ablations.plot_choice(frame, ablations.choice("trainable tensors"))

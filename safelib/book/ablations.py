@@ -124,7 +124,9 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
         change = {k: v for k, v in sorted(json.loads(row["setting"]).items())
                   if _canonical(defaults[method].get(k)) != _canonical(v)}
         base = {"dataset": row["dataset"], "shots": int(row["shots"]), "seed": int(row["seed"]), "method": method}
-        attention = _attention_of(row["path"])
+        # SAFE-A's pooling is its SAFE stage's, trained at SAFE's defaults whatever the adapter: no attention rows
+        attention = _attention_of(row["path"]) if method == "safe" else {"attention": np.nan,
+                                                                         "attention_original": np.nan}
         for choice in CHOICES:
             if choice.across_methods:
                 for label, wanted in choice.variants.items():
@@ -276,10 +278,11 @@ def plot_choice(frame: pd.DataFrame, choice: Choice, metric: str = "test_acc") -
             ax.set_xlabel(choice.knob if column == panels[-1][0] else "")
             ax.set_ylabel(ylabel)
             ax.tick_params(axis="x", rotation=30 if max(len(s) for s in order) > 6 else 0)
-            if column == "attention":
-                original = at["attention_original"].mean()
-                ax.axhline(original, color="gray", linestyle=":", linewidth=1)
-                ax.annotate("original pooling", (0, original), xytext=(2, 2), textcoords="offset points",
+            if column == "attention":  # each task's original pooling, dotted in the task's colour
+                for task, colour in zip(tasks, sns.color_palette(n_colors=len(tasks))):
+                    original = at.loc[at["dataset"] == task, "attention_original"].mean()
+                    ax.axhline(original, color=colour, linestyle=":", linewidth=1.2)
+                ax.annotate("dotted: original pooling", (0.01, 0.98), xycoords="axes fraction", va="top",
                             fontsize=8, color="gray")
     legend = axes[0][-1].get_legend()
     if legend is not None:
