@@ -124,9 +124,9 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
         change = {k: v for k, v in sorted(json.loads(row["setting"]).items())
                   if _canonical(defaults[method].get(k)) != _canonical(v)}
         base = {"dataset": row["dataset"], "shots": int(row["shots"]), "seed": int(row["seed"]), "method": method}
+        record = read_record(row["path"])  # once per record: its attention and its test sweep
         # SAFE-A's pooling is its SAFE stage's, trained at SAFE's defaults whatever the adapter: no attention rows
-        attention = _attention_of(row["path"]) if method == "safe" else {"attention": np.nan,
-                                                                         "attention_original": np.nan}
+        attention = _attention_of(record) if method == "safe" else {"attention": np.nan, "attention_original": np.nan}
         for choice in CHOICES:
             if choice.across_methods:
                 for label, wanted in choice.variants.items():
@@ -140,7 +140,7 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
                 if choice.derived and wanted:
                     if change:
                         continue
-                    sweep = {p["blend"]: p["accuracy"] for p in read_record(row["path"]).get("test_sweep", [])}
+                    sweep = {p["blend"]: p["accuracy"] for p in record.get("test_sweep", [])}
                     if wanted["blend"] in sweep:
                         rows.append({**base, "choice": choice.name, "label": label, "change": _canonical(wanted),
                                      "test_acc": sweep[wanted["blend"]], "val_acc": np.nan,
@@ -151,10 +151,10 @@ def ablation_frame(results_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _attention_of(path: str | Path) -> dict[str, float]:
+def _attention_of(record: Mapping[str, Any]) -> dict[str, float]:
     """A record's attention on the target (percent of spatial attention), fine-tuned and original pooling;
     NaN where the record has none (RAFT's background pooling, or records written before runs kept it)."""
-    masses = read_record(path).get("attention_on_target") or {}
+    masses = record.get("attention_on_target") or {}
     return {"attention": 100 * masses.get("fine_tuned", np.nan),
             "attention_original": 100 * masses.get("original", np.nan)}
 

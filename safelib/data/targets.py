@@ -8,13 +8,15 @@ report these numbers.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from ..clip.attnpool import spatial_attention
 from . import miniworld as mw
 from .imageset import ImageSet
-from .miniworld_tasks import task_of, task_scene
+from .miniworld_tasks import TargetTask, task_of, task_scene
 
 
 def target_grid_masks(images: ImageSet, grid: int) -> np.ndarray:
@@ -22,9 +24,14 @@ def target_grid_masks(images: ImageSet, grid: int) -> np.ndarray:
 
     Cell (r, c) is token 1 + r * grid + c of `safelib.attention_weights` (token 0 is the mean).
     """
-    task = task_of(images)
-    out = np.zeros((len(images), grid, grid), dtype=np.float32)
-    for i, image_id in enumerate(images.ids):
+    return _grid_masks(task_of(images), tuple(images.ids), grid).copy()  # a copy: the memo stays as drawn
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_masks(task: TargetTask, ids: tuple[str, ...], grid: int) -> np.ndarray:
+    """Drawn once per (task, images, grid): every SAFE run of a grid on one test split reads the same masks."""
+    out = np.zeros((len(ids), grid, grid), dtype=np.float32)
+    for i, image_id in enumerate(ids):
         scene, t = task_scene(task, image_id)
         out[i] = mw.mask_on_grid(scene.masks[t], grid)
     return out

@@ -7,9 +7,10 @@ distractors of any shape) one ``run_grid`` fits, per few-shot seed, zero-shot CL
 and SAFE with each trainable set of the attention pooling (all, attention only, values only). Each
 is an ordinary run (``safelib.runs``): one record per run under ``out_dir``, the book's only source
 of numbers. On top, from the fitted methods, the attention mass on the target's grid cells of the
-test split (heads averaged, mean token excluded): for zero-shot and the linear probe the original
-pooling's, for SAFE the fine-tuned pooling's. ``--summary`` writes a small JSON that points at the
-records and holds the masses (records hold no attention masses); the Markdown table is printed.
+test split (heads averaged, mean token excluded), as each SAFE record keeps it
+(``record["attention_on_target"]``): for zero-shot and the linear probe the original pooling's, for
+SAFE the fine-tuned pooling's. ``--summary`` writes a small JSON that points at the records and
+copies their masses; the Markdown table is printed.
 """
 from __future__ import annotations
 
@@ -21,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..atomic import atomic_write_json
-from ..clip.attnpool import attention_weights
 from ..data import miniworld_tasks as mt
-from ..data.targets import target_attention_mass, target_grid_masks
-from ..features.maps import DenseMaps
 from ..runs import provenance, run_grid
 
 SUMMARY_FORMAT = "safelib.miniclip_eval/2"
@@ -88,37 +85,34 @@ def _row_of(record: dict) -> str:
     raise ValueError(f"no row for the run {config['method']} {config['method_config']}")
 
 
-@torch.no_grad()
-def _masses(attnpool: torch.nn.Module, dense: torch.Tensor, coverage: np.ndarray) -> float:
-    return float(target_attention_mass(attention_weights(attnpool, dense), coverage).mean())
+def _attention_on_target(record: dict, path: str | os.PathLike) -> dict[str, float]:
+    """The SAFE record's attention on the target (original and fine-tuned pooling), which ``sl.run`` keeps."""
+    if "attention_on_target" not in record:
+        raise ValueError(f"{path} has no attention_on_target (written before runs kept it): delete it and rerun")
+    return record["attention_on_target"]
 
 
 def evaluate(config: EvalConfig = EvalConfig(), clip: Any = None, cache_dir: str = "cache",
              out_dir: str = "runs/miniclip_eval", progress: bool = True) -> dict:
-    """Run the grid (finished runs are read back, then fitted again for their attention); return the summary.
+    """Run the grid (finished runs are read back); return the summary.
 
     The summary: per row, per seed, the run record's path, test accuracy (percent, from the record)
     and attention mass on the target; means over seeds; the original pooling's mass.
     """
     records = run_grid(
         config.task, list(dict.fromkeys(ROWS[r][0] for r in config.rows)), [config.shots], list(config.seeds),
-        method_configs=config.method_configs(), return_methods=True, clip=clip, progress=progress,
+        method_configs=config.method_configs(), clip=clip, progress=progress,
         backbone="miniclip", weights=config.checkpoint or "shipped", train_views=config.train_views,
         dataset_options={"per_class": list(config.pool_per_class), "seed": config.task_seed},
         cache_dir=cache_dir, out_dir=out_dir,
     )
     original, per_seed = None, {row: [] for row in config.rows}
-    coverage = None  # every run shares the task's test split: its target masks are drawn once
-    for record, path, fitted in zip(records, records.paths, records.fitted):
+    for record, path in zip(records, records.paths):
         row = _row_of(record)
         mass = None
-        if fitted.method.feature_kind == "dense":
-            dense = DenseMaps.of(fitted.splits["test"].dense).view(0).float()  # N x C x H x W, the eval view
-            if coverage is None:
-                coverage = target_grid_masks(fitted.test_set, dense.shape[-1])  # N x grid x grid
-            if original is None:
-                original = _masses(fitted.head.attnpool, dense, coverage)
-            mass = _masses(fitted.method.training.attnpool, dense, coverage)
+        if record["config"]["method"] == "safe":  # every run shares the task's test split and original pooling
+            masses = _attention_on_target(record, path)
+            original, mass = masses["original"], masses["fine_tuned"]
         per_seed[row].append({"seed": record["config"]["seed"], "test_acc": record["test_acc"], "target_mass": mass,
                               "record": os.path.relpath(path, out_dir)})
     for runs in per_seed.values():  # zero-shot and the linear probe pool with the original layer
