@@ -3,7 +3,7 @@ import each other, and no module hides an import of safelib (or of the standard 
 
 The wings, bottom up (``docs/ARCHITECTURE.md`` says what each holds):
 
-    ground      atomic, _version
+    ground      atomic, seeding, _version
     clip        the model
     data        datasets, templates, the mini-world
     features    dense maps: extraction, cache, placement
@@ -44,7 +44,7 @@ WINGS: tuple[tuple[str, ...], ...] = (
     ("top",),
 )
 RANK = {wing: rank for rank, wings in enumerate(WINGS) for wing in wings}
-GROUND_MODULES = {"atomic", "_version"}
+GROUND_MODULES = {"atomic", "seeding", "_version"}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .attnpool import attention_pool
+from ..seeding import seeded
 from .miniclip import CHECKPOINT, build_miniclip, file_sha256, load_weights_file, record_preprocess_cfg
 
 # Every open_clip ResNet CLIP and the weight tags open_clip knows for it.
@@ -247,7 +248,7 @@ def load_clip(
     fetching = pretrained is not None and not is_file
     try:
         with (_hub_offline_if_unreachable(name, pretrained) if fetching else contextlib.nullcontext()), \
-                _seeded(RANDOM_WEIGHTS_SEED if pretrained is None else None):
+                seeded(RANDOM_WEIGHTS_SEED if pretrained is None else None):
             model = open_clip.create_model(
                 name, pretrained=pretrained, force_quick_gelu=is_file or uses_quick_gelu(name, pretrained),
                 cache_dir=None if cache_dir is None else str(cache_dir), device=device, weights_only=True,
@@ -263,17 +264,6 @@ def load_clip(
 
 
 RANDOM_WEIGHTS_SEED = 0
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Draw from ``seed`` without touching the caller's random state (no-op for None)."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def weights_file_digest(name: str, weights: str | os.PathLike | None) -> str | None:

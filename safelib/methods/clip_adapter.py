@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ..clip.text import class_logits
 from .base import (FewShotData, FewShotMethod, MethodConfig, FieldChecks, SplitFeatures, eval_view, loss_warnings,
                    pool_split, select_best)
-from .feature_training import seeded, train_on_views, train_sgd_random_views
+from ..seeding import seeded
+from .feature_training import train_on_views, train_sgd_random_views
 from .reference import COOP, preset_problem, require_resolved
 
 TRAINERS = ("adamw", "coop")

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from ..clip.text import class_logits
 from .base import (FewShotData, FewShotMethod, FieldChecks, MethodConfig, SplitFeatures, eval_view, loss_warnings,
                    pool_split)
-from .feature_training import seeded, train_sgd_random_views
+from ..seeding import seeded
+from .feature_training import train_sgd_random_views
 from .reference import COOP, coop_epochs, preset_problem, require_resolved
 
 
