@@ -7,10 +7,11 @@ and 6-way colour zero-shot accuracy on 288 of its images, with the shipped promp
 with one plain prompt, "a photo of a {}.".
 
 Measured (seed 0, 288 images, fp16 weights), shipped templates / plain prompt (chance 16.7%):
-    shipped issue-5 checkpoint (128 px, 4 x 4 grid):   shape 66.7% / 66.7%, colour 100% / 100%
-    issue-11 phase 3 (not shipped, recipe phase 3):     shape 77.4% / 76.7%, colour 100% / 100%
-Its worst cases on the shipped checkpoint: squares read as circles (22 of 48), hollow shapes (48%).
-Run `python tests/test_miniclip_independent.py [checkpoint.safetensors]` to print them.
+    issue-5 checkpoint (recipe phases 1-2; 128 px, 4 x 4 grid):  shape 66.7% / 66.7%, colour 100% / 100%
+    a first phase 3 (360 steps, no rounded corners or strokes):  shape 77.4% / 76.7%, colour 100% / 100%
+    shipped issue-11 checkpoint (recipe phases 1-3):             shape 96.2% / 96.5%, colour 100% / 100%
+The issue-5 checkpoint's worst cases: squares read as circles (22 of 48), hollow shapes (48%).
+Run `python tests/test_miniclip_independent.py [checkpoint.safetensors]` to print the accuracies.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from safelib.data import miniworld as mw  # noqa: E402
 PLAIN = ("a photo of a {}.",)
 PER_PAIR = 8  # 8 x 36 (shape, colour) pairs = 288 images
 
-# The bars the shipped checkpoint must clear (shipped templates).
-SHAPE_BAR = 0.55
+# The bars the shipped checkpoint must clear (issue 11), with the shipped templates and the plain prompt.
+SHAPE_BAR = 0.90
 COLOUR_BAR = 0.95
 
 
@@ -81,9 +82,10 @@ def test_object_pixels_carry_the_colour():
 def test_shipped_miniclip_zero_shot_on_the_independent_renderer():
     acc = zero_shot_accuracies(sl.load_clip("miniclip"))
     print("independent renderer, zero-shot:", acc)
-    assert acc["shape_templates"] >= SHAPE_BAR and acc["colour_templates"] >= COLOUR_BAR
+    assert min(acc["shape_templates"], acc["shape_plain"]) >= SHAPE_BAR
+    assert min(acc["colour_templates"], acc["colour_plain"]) >= COLOUR_BAR
 
 
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else None
+    path = sys.argv[1] if len(sys.argv) > 1 else "shipped"
     print(zero_shot_accuracies(sl.load_clip("miniclip", pretrained=path)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -157,7 +158,8 @@ def test_registry_exposes_the_tasks():
 
 
 def test_shape_variants_differ_only_in_one_object_shape():
-    scenes = mw.shape_variants(np.random.default_rng(9), 4, n_objects=3)
+    # No blur: a blur spreads each shape's edge a pixel or two past its mask.
+    scenes = mw.shape_variants(np.random.default_rng(9), 4, n_objects=3, style=mw.with_style("pretrain", blur=0.0))
     assert len(scenes) == 4
     a = scenes[0]
     for b in scenes[1:]:
@@ -256,3 +258,40 @@ def test_new_style_knobs_are_validated():
         mw.Style(size_ranges=((0.1, 0.05), (0.2, 0.3)))
     with pytest.raises(ValueError, match="blur"):
         mw.Style(blur=5.0)
+
+
+def test_rounded_corners_stay_inside_the_sharp_polygon_and_keep_the_task_styles_sharp():
+    from PIL import Image, ImageDraw
+
+    def area(obj):
+        layer = Image.new("L", (128, 128), 0)
+        mw._draw_object(ImageDraw.Draw(layer), obj, 255, None)
+        return np.asarray(layer) > 0
+
+    sharp = mw.SceneObject("square", "red", "large", 64, 64, 40)
+    soft = mw.SceneObject("square", "red", "large", 64, 64, 40, rounding=0.3)
+    a, b = area(sharp), area(soft)
+    assert not (b & ~a).any()  # rounding only cuts corners
+    assert 0.02 < (a & ~b).sum() / a.sum() < 0.15  # and cuts some, not most: still a square
+    assert b[64, 64] and not b[64 - 29, 64 - 29]  # the corner region is gone, the middle stays
+    with pytest.raises(ValueError, match="rounding"):
+        mw.SceneObject("square", "red", "large", 64, 64, 40, rounding=0.9)
+    task_scene, _ = mt.task_scene(mt.TargetTask(seed=2), "x/train/3")
+    assert all(o.rounding == 0.0 and o.stroke == mw.STROKE for o in task_scene.objects)
+
+
+def test_pretrain_style_varies_strokes_and_corners_within_its_ranges():
+    rng = np.random.default_rng(3)
+    style = mw.get_style("pretrain")
+    objs = [mw.sample_object(rng, 128, style) for _ in range(300)]
+    strokes = np.array([o.stroke for o in objs])
+    roundings = np.array([o.rounding for o in objs])
+    assert style.strokes[0] <= strokes.min() and strokes.max() <= style.strokes[1] and np.ptp(strokes) > 0.2
+    assert 0.3 < (roundings > 0).mean() < 0.7 and roundings.max() <= style.rounding
+    hollow = mw.SceneObject("circle", "blue", "large", 64, 64, 40, fill="hollow", stroke=0.1, proportions=(0.5, 0.5))
+    thick = replace(hollow, stroke=0.4)
+    _, thin_mask, _ = mw.render(np.random.default_rng(0), (hollow,), 128, mw.Style())
+    _, thick_mask, _ = mw.render(np.random.default_rng(0), (thick,), 128, mw.Style())
+    assert 2.5 < thick_mask.sum() / thin_mask.sum() < 4.5  # the band's width follows the stroke
+    with pytest.raises(ValueError, match="strokes"):
+        mw.Style(strokes=(0.3, 0.1))

@@ -10,8 +10,9 @@ Everything is a pure function of a `numpy.random.Generator`, so a seed fixes eve
 caption and mask. `Style` holds the knobs for distribution shift (background textures, object
 sizes, outlines, clutter): train in one style, test in another, the offline analogue of
 ImageNet -> ImageNet-R/Sketch. The "pretrain" style also varies each shape's proportions and
-orientation, fills (solid, hollow, shaded, speckled) and blur, so the mini-CLIP learns a shape
-rather than one drawing of it; the tasks' styles keep the canonical drawing.
+orientation, fills (solid, hollow, shaded, speckled), stroke widths, corner roundings and blur, so
+the mini-CLIP learns a shape rather than one drawing of it; the tasks' styles keep the canonical
+drawing (and draw the same random numbers as before those knobs existed: every task image is unchanged).
 """
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ FILLS: tuple[str, ...] = ("solid", "hollow", "shaded", "speckled")
 # and a circle may turn freely; a 5-pointed star repeats every 72 degrees, so +-36 is every star.
 ROTATION_LIMITS: dict[str, float] = {"circle": 180.0, "square": 15.0, "triangle": 180.0, "star": 36.0,
                                      "cross": 25.0, "diamond": 15.0}
+# A hollow shape's stroke and an outline's width, as fractions of the radius (outline: half of it).
+STROKE = 0.25
+# Rounding a corner by more than this would turn a square into a circle.
+MAX_ROUNDING = 0.35
 # 3 x 3 regions of the image, named as a caption would say them (row, column).
 POSITIONS: tuple[tuple[str, ...], ...] = (
     ("top left", "top", "top right"),
@@ -76,6 +81,10 @@ class Style:
     fills: fills drawn uniformly from `FILLS`.
     size_ranges: (small, large) radius ranges as fractions of the image side; None: `SIZE_RANGES`.
     blur: maximum Gaussian blur radius in pixels, applied to half of the images (soft edges).
+    rounding: with varied shapes, corners are rounded by up to this fraction of the radius
+        (`SceneObject.rounding`): a drawn or printed square often has soft corners.
+    strokes: with varied shapes, the (low, high) range of `SceneObject.stroke`: hollow shapes from
+        thin pen lines to thick bands, outlines from hairlines to heavy.
     """
 
     backgrounds: tuple[str, ...] = ("plain",)
@@ -87,6 +96,8 @@ class Style:
     fills: tuple[str, ...] = ("solid",)
     size_ranges: tuple[tuple[float, float], tuple[float, float]] | None = None
     blur: float = 0.0
+    rounding: float = 0.0
+    strokes: tuple[float, float] = (STROKE, STROKE)
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
@@ -109,6 +120,10 @@ class Style:
                              f"0.02 <= lo <= hi <= 0.45, got {self.size_ranges}")
         if not 0.0 <= self.blur <= 3.0:
             raise ValueError(f"Style.blur must be in [0, 3] pixels, got {self.blur}")
+        if not 0.0 <= self.rounding <= MAX_ROUNDING:
+            raise ValueError(f"Style.rounding must be in [0, {MAX_ROUNDING}], got {self.rounding}")
+        if len(self.strokes) != 2 or not 0.05 <= self.strokes[0] <= self.strokes[1] <= 0.5:
+            raise ValueError(f"Style.strokes must be (low, high) with 0.05 <= low <= high <= 0.5, got {self.strokes}")
 
 
 STYLES: dict[str, Style] = {
@@ -120,10 +135,10 @@ STYLES: dict[str, Style] = {
     # The issue-5 pretraining mixture (phases 1-2 of the recipe in safelib.experiments.miniclip_pretrain).
     "pretrain_v1": Style(backgrounds=("plain", "noise", "stripes", "checker", "gradient"), outline_prob=0.25, clutter=2),
     # What the mini-CLIP is pretrained on: a mixture, so every style is in-distribution-ish, and
-    # every shape in many proportions, sizes, fills and orientations (issue 11).
-    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.25, clutter=2, colour_jitter=0.08,
-                      varied_shapes=True, fills=("solid", "solid", "hollow", "shaded", "speckled"),
-                      size_ranges=((0.07, 0.14), (0.18, 0.38)), blur=1.2),
+    # every shape in many proportions, sizes, fills, strokes, corner roundings and orientations (issue 11).
+    "pretrain": Style(backgrounds=BACKGROUNDS, outline_prob=0.3, clutter=2, colour_jitter=0.08,
+                      varied_shapes=True, fills=("solid", "solid", "hollow", "hollow", "shaded", "speckled"),
+                      size_ranges=((0.07, 0.14), (0.18, 0.38)), blur=1.2, rounding=0.3, strokes=(0.08, 0.4)),
 }
 
 
@@ -151,6 +166,8 @@ class SceneObject:
     # Two numbers in [0, 1] that set the shape's proportions (see `_unit_polygon`); None: canonical.
     proportions: tuple[float, float] | None = None
     fill: str = "solid"
+    rounding: float = 0.0  # corner radius as a fraction of the radius (0: sharp corners)
+    stroke: float = STROKE  # hollow stroke width as a fraction of the radius; an outline is half as wide
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -166,6 +183,10 @@ class SceneObject:
         if self.proportions is not None and (len(self.proportions) != 2
                                              or not all(0.0 <= p <= 1.0 for p in self.proportions)):
             raise ValueError(f"proportions must be two numbers in [0, 1] or None, got {self.proportions}")
+        if not 0.0 <= self.rounding <= MAX_ROUNDING:
+            raise ValueError(f"rounding must be in [0, {MAX_ROUNDING}], got {self.rounding}")
+        if not 0.0 < self.stroke <= 0.5:
+            raise ValueError(f"stroke must be in (0, 0.5], got {self.stroke}")
 
     def position(self, image_size: int) -> str:
         """Which third of the image (row, column) holds the centre, as words."""
@@ -230,18 +251,41 @@ def _unit_polygon(shape: str, proportions: tuple[float, float] | None) -> list[t
     raise ValueError(f"no polygon for shape {shape!r}; shapes: {SHAPES}")
 
 
+def _rounded(points: list[tuple[float, float]], radius: float, n: int = 4) -> list[tuple[float, float]]:
+    """The polygon with each corner cut by a quadratic Bezier arc reaching `radius` along both edges.
+
+    The arc never takes more than 45% of an edge, so short edges (a star's spikes) round less.
+    """
+    if radius <= 0:
+        return points
+    pts = np.asarray(points, dtype=np.float64)
+    out: list[tuple[float, float]] = []
+    for i, v in enumerate(pts):
+        prev, nxt = pts[i - 1], pts[(i + 1) % len(pts)]
+        d = min(radius, 0.45 * np.hypot(*(prev - v)), 0.45 * np.hypot(*(nxt - v)))
+        a = v + (prev - v) / np.hypot(*(prev - v)) * d
+        b = v + (nxt - v) / np.hypot(*(nxt - v)) * d
+        for t in np.linspace(0, 1, n):
+            p = (1 - t) ** 2 * a + 2 * t * (1 - t) * v + t ** 2 * b
+            out.append((float(p[0]), float(p[1])))
+    return out
+
+
 def _polygon(shape: str, x: float, y: float, r: float, angle: float,
-             proportions: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+             proportions: tuple[float, float] | None = None, rounding: float = 0.0) -> list[tuple[float, float]]:
     """Vertices of a shape of circumradius r centred at (x, y), rotated by `angle` radians."""
     c, s = math.cos(angle), math.sin(angle)
-    return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in _unit_polygon(shape, proportions)]
+    unit = _unit_polygon(shape, proportions)
+    if shape != "circle":
+        unit = _rounded(unit, rounding)
+    return [(x + r * (px * c - py * s), y + r * (px * s + py * c)) for px, py in unit]
 
 
 def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline) -> None:
     """Draw one object; a hollow one is a thick stroke in its colour (`outline` then goes outside it)."""
-    width = max(2, round(obj.radius / 8)) if outline is not None else 0
+    width = max(1 if obj.stroke < STROKE else 2, round(obj.radius * obj.stroke / 2)) if outline is not None else 0
     if obj.fill == "hollow":
-        stroke = max(2, round(obj.radius * 0.25))
+        stroke = max(2, round(obj.radius * obj.stroke))
         if outline is not None:  # the dark outline first, a little wider, then the colour inside it
             _shape(draw, obj, None, outline, stroke + width)
         _shape(draw, obj, None, fill, stroke)
@@ -250,11 +294,11 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline) -> 
 
 
 def _shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline, width: int) -> None:
-    if obj.shape == "circle" and obj.proportions is None:
+    if obj.shape == "circle" and obj.proportions is None and obj.rounding == 0.0:
         box = [obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius]
         draw.ellipse(box, fill=fill, outline=outline, width=width)
     else:
-        pts = _polygon(obj.shape, obj.x, obj.y, obj.radius, obj.angle, obj.proportions)
+        pts = _polygon(obj.shape, obj.x, obj.y, obj.radius, obj.angle, obj.proportions, obj.rounding)
         draw.polygon(pts, fill=fill, outline=outline, width=width)
 
 
@@ -299,7 +343,12 @@ def sample_object(
         proportions = None
     outline = bool(rng.random() < style.outline_prob)
     fill = style.fills[rng.integers(len(style.fills))] if len(style.fills) > 1 else style.fills[0]
-    return SceneObject(shape, colour, size, best[0], best[1], radius, angle, outline, proportions, fill)
+    rounding, stroke = 0.0, STROKE
+    if style.varied_shapes:  # drawn only here, so the canonical styles' random streams stay as they were
+        rounding = float(rng.uniform(0, style.rounding)) if rng.random() < 0.5 else 0.0
+        stroke = float(rng.uniform(*style.strokes))
+    return SceneObject(shape, colour, size, best[0], best[1], radius, angle, outline, proportions, fill,
+                       rounding, stroke)
 
 
 def sample_objects(rng: np.random.Generator, n: int, image_size: int, style: Style) -> tuple[SceneObject, ...]:
