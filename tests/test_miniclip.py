@@ -197,3 +197,13 @@ def test_shipped_acceptance_summary_points_at_its_run_records(task):
             assert config.dataset == f"miniworld_{task}_largest" and config.shots == 16
             assert record["test_acc"] == entry["test_acc"] and config.seed == entry["seed"]
             assert 0.0 <= entry["target_mass"] <= 1.0
+
+
+@pytest.mark.parametrize("task", ["shape", "colour"])
+def test_shipped_acceptance_shows_safe_clearly(task):
+    """Issue 11's bars on the shipped records: SAFE at least 20 points above zero-shot at 16 shots,
+    and at least 1.5x the original pooling's attention on the target."""
+    summary = json.loads((CHECKPOINT.parent / f"miniclip_safe_{task}_largest.json").read_text())["summary"]
+    safe, zero_shot = summary["SAFE (all)"], summary["zero-shot"]
+    assert safe["test_acc_mean"] - zero_shot["test_acc_mean"] >= 20.0
+    assert safe["target_mass_mean"] >= 1.5 * zero_shot["target_mass_mean"]
