@@ -81,8 +81,8 @@ class Style:
     fills: fills drawn uniformly from `FILLS`.
     size_ranges: (small, large) radius ranges as fractions of the image side; None: `SIZE_RANGES`.
     blur: maximum Gaussian blur radius in pixels, applied to half of the images (soft edges).
-    rounding: with varied shapes, corners are rounded by up to this fraction of the radius
-        (`SceneObject.rounding`): a drawn or printed square often has soft corners.
+    rounding: with varied shapes, half of the objects get corners rounded by up to this fraction of
+        the radius (`SceneObject.rounding`): a drawn or printed square often has soft corners.
     strokes: with varied shapes, the (low, high) range of `SceneObject.stroke`: hollow shapes from
         thin pen lines to thick bands, outlines from hairlines to heavy.
     """
@@ -261,10 +261,10 @@ def _rounded(points: list[tuple[float, float]], radius: float, n: int = 4) -> li
     pts = np.asarray(points, dtype=np.float64)
     out: list[tuple[float, float]] = []
     for i, v in enumerate(pts):
-        prev, nxt = pts[i - 1], pts[(i + 1) % len(pts)]
-        d = min(radius, 0.45 * np.hypot(*(prev - v)), 0.45 * np.hypot(*(nxt - v)))
-        a = v + (prev - v) / np.hypot(*(prev - v)) * d
-        b = v + (nxt - v) / np.hypot(*(nxt - v)) * d
+        to_prev, to_next = pts[i - 1] - v, pts[(i + 1) % len(pts)] - v
+        len_prev, len_next = np.hypot(*to_prev), np.hypot(*to_next)
+        d = min(radius, 0.45 * len_prev, 0.45 * len_next)
+        a, b = v + to_prev / len_prev * d, v + to_next / len_next * d
         for t in np.linspace(0, 1, n):
             p = (1 - t) ** 2 * a + 2 * t * (1 - t) * v + t ** 2 * b
             out.append((float(p[0]), float(p[1])))
@@ -294,7 +294,7 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline) -> 
 
 
 def _shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill, outline, width: int) -> None:
-    if obj.shape == "circle" and obj.proportions is None and obj.rounding == 0.0:
+    if obj.shape == "circle" and obj.proportions is None:
         box = [obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius]
         draw.ellipse(box, fill=fill, outline=outline, width=width)
     else:

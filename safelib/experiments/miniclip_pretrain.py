@@ -17,8 +17,9 @@ The shipped checkpoint is made by one command, which runs the three phases of `r
   80% of each batch in shape-variant groups of 1-2 objects (1,265 s with 2 threads). Zero-shot
   shape accuracy on the independent renderer went from 66.7% to 96.2% (colour 100%), on the
   training renderer's canonical single objects from 89.7% to 92.3% (colour 99.0%); the same with
-  the shipped templates and with the one prompt "a photo of a {}." (96.5% on the independent one). A shorter phase 3 (360 steps, without
-  rounded corners or varied strokes) had reached only 77.4%; at step 918 of this one it was 90.3%.
+  the shipped templates and with the one prompt "a photo of a {}." (96.5% on the independent one).
+  A shorter phase 3 (360 steps, without rounded corners or varied strokes) had reached only 77.4%;
+  at step 918 of this one it was 90.3%.
   Why fine-tune rather than train from scratch: from scratch, shape needed about 2500 steps of
   canonical drawings before varied ones could help; the three phases together take 46 minutes.
 
